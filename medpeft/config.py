@@ -1,0 +1,228 @@
+"""Configuration: dataclasses with a help string per field, YAML files, flag overrides, validation.
+
+Precedence, lowest first: dataclass default < method default < `--config FILE.yaml` < command-line flag.
+`validate()` on each dataclass returns every problem it finds; `parse()` reports them all in one error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+from .errors import UsageError
+from .modeling import DEFAULT_MODEL
+
+DEFAULT_SYSTEM_PROMPT = ("You are a careful medical assistant. Answer the question accurately and concisely, "
+                         "based on established medical knowledge.")
+
+
+def opt(default, help: str, choices=None):
+    return field(default=default, metadata={"help": help, "choices": choices})
+
+
+@dataclass
+class PrepareConfig:
+    input_data: Optional[str] = opt(None, "medical data: a CSV/TSV/JSON/JSONL/Parquet file, a folder of them, "
+                                          "or a hub dataset id (online only)")
+    output_dir: str = opt("processed_data", "where train.json, validation.json, test.json, metadata.json go")
+    model_name: str = opt(DEFAULT_MODEL, "model whose tokenizer and chat template are used for length stats")
+    max_length: int = opt(512, "maximum tokens per example (prompt + answer); longer answers are truncated")
+    train_size: float = opt(0.8, "share of rows for training, in (0, 1); the rest is split into validation and test")
+    validation_share: float = opt(0.5, "share of the non-training rows that goes to validation (rest: test)")
+    seed: int = opt(42, "random seed of the split")
+    group_by: Optional[str] = opt(None, "column whose groups stay inside one split (e.g. MedQuAD's 'focus')")
+    schema: str = opt("auto", "input schema; auto detects it from the column names",
+                      ["auto", "qa", "instruction", "prompt_response", "messages", "multiple_choice"])
+    question_column: Optional[str] = opt(None, "column holding the question/prompt (overrides detection)")
+    answer_column: Optional[str] = opt(None, "column holding the answer; for multiple choice the letter, "
+                                             "index or option text")
+    context_column: Optional[str] = opt(None, "column with extra context placed before the question")
+    options_column: Optional[str] = opt(None, "column with the options of a multiple-choice item "
+                                              "(list, dict letter->text, or JSON of either)")
+    system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
+    max_rows: int = opt(-1, "read at most this many rows (-1 = all)")
+    debug: int = opt(0, "print this many processed examples with their tokens coloured by label mask")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if not self.input_data:
+            problems.append("--input_data is required: a data file, a folder of them, or a hub dataset id")
+        if not 0 < self.train_size < 1:
+            problems.append(f"--train_size must be between 0 and 1 (exclusive), got {self.train_size}")
+        if not 0 <= self.validation_share <= 1:
+            problems.append(f"--validation_share must be between 0 and 1, got {self.validation_share}")
+        if self.max_length < 16:
+            problems.append(f"--max_length must be at least 16 tokens, got {self.max_length}")
+        if self.max_rows == 0 or self.max_rows < -1:
+            problems.append(f"--max_rows must be positive or -1 (all), got {self.max_rows}")
+        return problems
+
+
+@dataclass
+class TrainConfig:
+    model_name: str = opt(DEFAULT_MODEL, "base model: hub id, local directory, .gguf file, or 'smollm2-135m'")
+    data_path: str = opt("processed_data", "directory written by prepare_dataset (train.json, validation.json)")
+    output_dir: str = opt("models/run", "where the trained method, tokenizer, config and metrics.json go")
+    num_epochs: float = opt(3.0, "passes over the training split (ignored when --max_steps > 0)")
+    max_steps: int = opt(-1, "optimizer steps to run (-1 = as many as --num_epochs gives)")
+    learning_rate: float = opt(2e-4, "peak learning rate")
+    batch_size: int = opt(8, "examples per device per micro-batch")
+    gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
+    max_length: int = opt(512, "truncate examples to this many tokens")
+    warmup_ratio: float = opt(0.03, "share of steps with linear learning-rate warm-up")
+    weight_decay: float = opt(0.0, "AdamW weight decay")
+    lr_scheduler_type: str = opt("cosine", "learning-rate schedule", ["cosine", "linear", "constant_with_warmup"])
+    eval_steps: int = opt(0, "evaluate on the validation split every N steps (0 = only before and after)")
+    max_eval_samples: int = opt(256, "validation examples used for the loss (-1 = all)")
+    logging_steps: int = opt(5, "log the training loss every N steps")
+    seed: int = opt(42, "random seed (initialisation, data order, dropout)")
+    group_by_length: bool = opt(True, "batch examples of similar length together (less padding)")
+    load_in_4bit: bool = opt(False, "load the frozen base in 4-bit NF4 with double quantization (bitsandbytes)")
+    gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory "
+                                             "(turned off for methods that do not support it)")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
+            if not getattr(self, name) > 0:
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_steps == 0 or self.max_steps < -1:
+            problems.append(f"--max_steps must be positive or -1, got {self.max_steps}")
+        if self.max_steps == -1 and not self.num_epochs > 0:
+            problems.append(f"--num_epochs must be positive, got {self.num_epochs}")
+        if not 0 <= self.warmup_ratio < 1:
+            problems.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.eval_steps < 0:
+            problems.append(f"--eval_steps must be 0 or positive, got {self.eval_steps}")
+        if self.max_eval_samples == 0 or self.max_eval_samples < -1:
+            problems.append(f"--max_eval_samples must be positive or -1, got {self.max_eval_samples}")
+        if self.max_length < 16:
+            problems.append(f"--max_length must be at least 16 tokens, got {self.max_length}")
+        return problems
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit code 2, no usage dump
+        raise UsageError(f"{self.prog}: {message} (see --help)")
+
+
+def _converter(tp):
+    origin = typing.get_origin(tp)
+    if origin is typing.Union:
+        inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
+        convert = _converter(inner)
+        return lambda v: None if v is None or str(v).lower() in ("none", "null") else convert(v)
+    if tp is bool:
+        def to_bool(v):
+            if isinstance(v, bool):
+                return v
+            if str(v).lower() in ("1", "true", "yes", "on"):
+                return True
+            if str(v).lower() in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(f"expected true or false, got {v!r}")
+        return to_bool
+    if tp is float:
+        def to_float(v):
+            x = float(v)
+            if not math.isfinite(x):
+                raise ValueError(f"expected a finite number, got {v!r}")
+            return x
+        return to_float
+    if tp is int:
+        def to_int(v):
+            if isinstance(v, float) and v.is_integer():
+                return int(v)
+            return int(str(v))
+        return to_int
+    return str
+
+
+def build_parser(prog: str, description: str, sections: list[type], defaults: dict | None = None):
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--config", help="YAML file of settings; flags given here override it")
+    defaults = defaults or {}
+    for section in sections:
+        group = parser.add_argument_group(section.__name__)
+        hints = typing.get_type_hints(section)
+        for f in dataclasses.fields(section):
+            default = defaults.get(f.name, f.default)
+            help_text = f"{f.metadata['help']} (default: {default})"
+            if hints[f.name] is bool:
+                group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
+            else:
+                group.add_argument(f"--{f.name}", type=_converter(hints[f.name]), choices=f.metadata["choices"],
+                                   help=help_text, metavar=f.name.upper())
+    return parser
+
+
+def load_yaml(path: str) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--config: file '{path}' does not exist")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--config: '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from exc
+    if not isinstance(data, dict):
+        raise UsageError(f"--config: '{path}' must hold a mapping of setting: value")
+    return data
+
+
+def parse(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None) -> list:
+    """Parse flags (+ optional YAML) into one instance per section; raise one UsageError listing every problem."""
+    parser = build_parser(prog, description, sections, defaults)
+    given = vars(parser.parse_args(argv))
+    values = dict(defaults or {})
+    problems = []
+    known = {f.name: (s, f) for s in sections for f in dataclasses.fields(s)}
+    if "config" in given:
+        config_path = given.pop("config")
+        for key, value in load_yaml(config_path).items():
+            if key in ("method",):
+                continue
+            if key not in known:
+                problems.append(f"unknown setting '{key}' in {config_path} (known: {', '.join(sorted(known))})")
+                continue
+            section, f = known[key]
+            try:
+                values[key] = _converter(typing.get_type_hints(section)[key])(value)
+            except (TypeError, ValueError) as exc:
+                problems.append(f"{config_path}: {key}: {exc}")
+                continue
+            if f.metadata["choices"] and values[key] not in f.metadata["choices"]:
+                problems.append(f"{config_path}: {key} must be one of {f.metadata['choices']}, got {value!r}")
+    values.update(given)
+    instances = []
+    for section in sections:
+        names = {f.name for f in dataclasses.fields(section)}
+        instances.append(section(**{k: v for k, v in values.items() if k in names}))
+    if not problems:
+        for inst in instances:
+            problems.extend(inst.validate())
+    if problems:
+        head = f"{len(problems)} problems: " if len(problems) > 1 else ""
+        raise UsageError(f"{prog}: {head}" + "; ".join(problems))
+    return instances
+
+
+def as_dict(*instances) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for inst in instances:
+        out.update(dataclasses.asdict(inst))
+    return out
+
+
+def write_json(path: Path, data) -> None:
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
