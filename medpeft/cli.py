@@ -1,0 +1,118 @@
+"""The `medpeft` command and the seed's scripts: parse flags (+ YAML), call the package, map errors to exit 2.
+
+    medpeft prepare --input_data data.csv --output_dir processed_data --model_name smollm2-135m
+    medpeft train --method qlora --model_name smollm2-135m --data_path processed_data --output_dir models/qlora
+    medpeft evaluate ... | medpeft run ...
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import warnings
+
+from .errors import UsageError
+
+SUBCOMMANDS = {
+    "prepare": "medical data -> processed_data/{train,validation,test}.json + metadata.json",
+    "train": "fine-tune with one method (--method qlora|adapter|ptuning)",
+    "evaluate": "compare the base model and fine-tuned models on the test split",
+    "run": "prepare, train every method, evaluate, report",
+}
+
+
+def _quiet_libraries() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+    warnings.filterwarnings("ignore", message=".*kernels-community.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+
+
+def cmd_prepare(argv, prog):
+    from . import config, data
+
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["prepare"], [config.PrepareConfig])
+    meta = data.prepare(cfg)
+    rows, tok = meta["rows"], meta["tokens"]
+    print(f"kept {rows['kept']} of {rows['read']} rows; dropped {rows['dropped']}"
+          + (f" ({', '.join(f'{n} {r}' for r, n in rows['dropped_by_reason'].items())})" if rows["dropped"] else ""))
+    print(f"splits: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
+    t = tok["total"]
+    print(f"tokens per example: mean {t['mean']}, median {t['median']}, p90 {t['p90']}, max {t['max']}; "
+          f"{tok['truncated']} truncated at --max_length {cfg.max_length}")
+    print(f"wrote {cfg.output_dir}/train.json, validation.json, test.json, metadata.json")
+    return 0
+
+
+def _pop_flag(argv, name):
+    for i, a in enumerate(argv):
+        if a == name and i + 1 < len(argv):
+            return argv[i + 1], argv[:i] + argv[i + 2:]
+        if a.startswith(name + "="):
+            return a.split("=", 1)[1], argv[:i] + argv[i + 1:]
+    return None, argv
+
+
+def cmd_train(argv, prog, method_name=None):
+    from . import config, methods
+
+    flag, argv = _pop_flag(list(argv), "--method")
+    method_name = flag or method_name
+    config_path, _ = _pop_flag(list(argv), "--config")
+    if method_name is None and config_path:
+        method_name = config.load_yaml(config_path).get("method")
+    if method_name is None:
+        raise UsageError(f"{prog}: --method is required: one of {', '.join(methods.NAMES)}")
+    method = methods.get(method_name)
+    cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS)
+    from .training import train
+
+    metrics = train(method_name, cfg, opts)
+    print(f"{method_name}: validation loss {metrics['validation_loss_base']:.4f} (base) -> "
+          f"{metrics['validation_loss_final']:.4f} (tuned); {metrics['tokens_per_s']:.0f} tokens/s; "
+          f"peak memory {metrics['peak_memory_gb']:.2f} GB; {metrics['trainable_parameters']:,} trainable parameters")
+    return 0
+
+
+def cmd_not_yet(argv, prog):
+    raise UsageError(f"{prog}: not implemented yet")
+
+
+def run(argv, prog="medpeft", command=None, method=None) -> int:
+    """Entry point shared by `medpeft` and the seed scripts; returns the exit code."""
+    _quiet_libraries()
+    try:
+        if command is None:
+            if not argv or argv[0] in ("-h", "--help"):
+                print(f"usage: {prog} {{{','.join(SUBCOMMANDS)}}} [flags]\n")
+                for name, text in SUBCOMMANDS.items():
+                    print(f"  {name:9s} {text}")
+                print(f"\n`{prog} COMMAND --help` lists a command's flags.")
+                return 0 if argv else 2
+            command, argv = argv[0], argv[1:]
+            prog = f"{prog} {command}"
+        if command == "prepare":
+            return cmd_prepare(argv, prog)
+        if command == "train":
+            return cmd_train(argv, prog, method)
+        if command in ("evaluate", "run"):
+            return cmd_not_yet(argv, prog)
+        raise UsageError(f"{prog}: unknown command '{command}'; commands: {', '.join(SUBCOMMANDS)}")
+    except UsageError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("interrupted; no output was written as complete", file=sys.stderr)
+        return 130
+
+
+def main() -> None:
+    sys.exit(run(sys.argv[1:]))
+
+
+if __name__ == "__main__":
+    main()

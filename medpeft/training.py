@@ -1,0 +1,313 @@
+"""The one training path every method shares: data -> base model -> method -> Trainer -> output directory.
+
+Output directory (written to a temporary folder, renamed into place when complete):
+    <method files>            adapter_model.safetensors + adapter_config.json (peft), or the AdapterHub format
+    tokenizer files           the tokenizer used, with its fixed special tokens
+    medpeft_config.json       method, every resolved setting, resolved base model, data summary
+    metrics.json              loss curve, base/final validation loss, runtime, tokens/s, memory, parameters
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import random
+import resource
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from . import methods
+from .config import as_dict, write_json
+from .data import PadCollator, _replace_dir, load_split, tokenize_records
+from .errors import UsageError
+from .evaluation import answer_loss
+from .modeling import default_device, load_model, load_tokenizer, resolve_model
+
+CONFIG_FILE = "medpeft_config.json"
+METRICS_FILE = "metrics.json"
+
+
+@dataclass
+class RunContext:
+    """What a method needs from the run: settings, the resolved base model, a scratch folder."""
+
+    cfg: object
+    resolved_model: str
+    device: str
+    work_dir: Path
+    gradient_checkpointing: bool
+    initial_adapter: Path | None = None
+
+    def load_base(self, load_in_4bit: bool | None = None, path: str | None = None, prepare_for_training=True):
+        load_in_4bit = self.cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
+        model = load_model(path or self.resolved_model, load_in_4bit=load_in_4bit, device=self.device,
+                           trust_remote_code=self.cfg.trust_remote_code)
+        model.config.use_cache = False
+        if not prepare_for_training:
+            return model
+        if load_in_4bit:
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(
+                model, use_gradient_checkpointing=self.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            for p in model.parameters():
+                p.requires_grad_(False)
+            if self.gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        return model
+
+    def safetensors_files(self) -> list[Path]:
+        """The base model's original weights (for LoftQ), from its directory or the hub cache."""
+        root = Path(self.resolved_model)
+        if not root.is_dir():
+            from huggingface_hub import snapshot_download
+
+            root = Path(snapshot_download(self.resolved_model, allow_patterns=["*.safetensors", "*.json"]))
+        files = sorted(root.glob("*.safetensors"))
+        if not files:
+            raise UsageError(f"LoftQ needs the base model's .safetensors weights; none found in {root}")
+        return files
+
+
+def count_parameters(model) -> tuple[int, int]:
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
+            n *= 2 * getattr(p, "quant_storage", torch.uint8).itemsize
+        total += n
+        if p.requires_grad:
+            trainable += n
+    return trainable, total
+
+
+def peak_memory_gb(device: str) -> dict:
+    if device == "cuda":
+        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "memory_kind": "cuda_allocated"}
+    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
+            "memory_kind": "cpu_peak_rss_process"}
+
+
+def library_versions() -> dict:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version(), "platform": platform.platform()}
+    for name in ("medpeft", "torch", "transformers", "peft", "adapters", "trl", "bitsandbytes", "accelerate"):
+        try:
+            out[name] = md.version(name)
+        except md.PackageNotFoundError:
+            out[name] = None
+    if torch.cuda.is_available():
+        out["cuda_device"] = torch.cuda.get_device_name(0)
+    return out
+
+
+def _tokenized(tokenizer, records, max_length):
+    return [e for e in tokenize_records(tokenizer, records, max_length) if any(l != -100 for l in e["labels"])]
+
+
+def _eval_subset(examples, n, seed):
+    if n < 0 or n >= len(examples):
+        return examples
+    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
+
+
+def _check_output_dir(out: Path) -> None:
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).exists())):
+        raise UsageError(f"--output_dir '{out}' exists and is not a medpeft output (no {CONFIG_FILE}); "
+                         "choose another --output_dir or empty it")
+
+
+@dataclass
+class TrainingRun:
+    """Everything `train` sets up, kept apart so that tests can look between the stages."""
+
+    method_name: str
+    cfg: object
+    opts: object
+    ctx: RunContext
+    model: object
+    tokenizer: object
+    train_examples: list
+    val_examples: list
+    metadata: dict
+    staging: Path
+    log: object = print
+
+    @property
+    def method(self):
+        return methods.get(self.method_name)
+
+    def validation_loss(self, desc="validation") -> dict:
+        return answer_loss(self.model, self.val_examples, self.tokenizer.pad_token_id, self.cfg.batch_size, desc)
+
+    def fit(self) -> dict:
+        from accelerate.state import AcceleratorState
+        from transformers import Trainer, TrainingArguments
+
+        cfg, device = self.cfg, self.ctx.device
+        trainable, total = count_parameters(self.model)
+        self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
+        with self.method.disabled(self.model):
+            base_val = self.validation_loss("base validation")
+        self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
+
+        collator = PadCollator(self.tokenizer.pad_token_id)
+        # accelerate keeps one process-wide state: without a reset, a second run in the same process
+        # (run_all, tests) inherits the first run's mixed precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        use_bf16 = cfg.load_in_4bit or (device == "cuda" and torch.cuda.is_bf16_supported())
+        args = TrainingArguments(
+            output_dir=str(self.ctx.work_dir / "trainer"), num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+            logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
+            eval_steps=cfg.eval_steps or None, save_strategy="no", report_to=[], seed=cfg.seed,
+            bf16=use_bf16, use_cpu=device == "cpu",
+            optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+            remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
+            group_by_length=cfg.group_by_length,
+            gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
+        )
+        trainer = Trainer(model=self.model, args=args, train_dataset=self.train_examples,
+                          eval_dataset=self.val_examples if cfg.eval_steps else None, data_collator=collator)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        t0 = time.time()
+        result = trainer.train()
+        runtime = time.time() - t0
+        # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
+        self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+        final_val = self.validation_loss("final validation")
+        self.log(f"validation loss after training: {final_val['loss']:.4f} (base {base_val['loss']:.4f})")
+
+        history = trainer.state.log_history
+        return {
+            "method": self.method_name, "model_name": cfg.model_name,
+            "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
+            "train_loss": round(result.training_loss, 5),
+            "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
+                           for h in history if "loss" in h],
+            "eval_curve": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
+            "validation_loss_base": base_val["loss"], "validation_loss_final": final_val["loss"],
+            "validation_perplexity_base": base_val["perplexity"],
+            "validation_perplexity_final": final_val["perplexity"],
+            "validation_examples": len(self.val_examples), "train_examples": len(self.train_examples),
+            "train_runtime_s": round(runtime, 2),
+            "tokens_per_s": round(collator.real_tokens / runtime, 1),
+            "padded_tokens_per_s": round(collator.padded_tokens / runtime, 1),
+            "train_tokens": collator.real_tokens,
+            **peak_memory_gb(device), "device": device,
+            "trainable_parameters": trainable, "total_parameters": total,
+            "trainable_percent": round(100 * trainable / total, 4),
+            "versions": library_versions(),
+        }
+
+    def save(self, metrics: dict) -> Path:
+        out, staging = Path(self.cfg.output_dir), self.staging
+        self.method.save(self.model, staging, self.ctx)
+        self.tokenizer.save_pretrained(staging)
+        write_json(staging / CONFIG_FILE, {
+            "method": self.method_name, "settings": as_dict(self.cfg, self.opts),
+            "resolved_model": self.ctx.resolved_model,
+            "data": {k: self.metadata.get(k) for k in ("input_data", "input_sha256", "schema", "counts", "rows")},
+            "medpeft_version": library_versions()["medpeft"]})
+        metrics["adapter_size_bytes"] = sum(f.stat().st_size for f in staging.rglob("*")
+                                            if f.is_file() and "tokenizer" not in f.name)
+        write_json(staging / METRICS_FILE, metrics)
+        _replace_dir(staging, out, CONFIG_FILE)
+        self.log(f"saved to {out}")
+        return out
+
+    def cleanup(self) -> None:
+        shutil.rmtree(self.ctx.work_dir, ignore_errors=True)
+        shutil.rmtree(self.staging, ignore_errors=True)
+
+
+def build(method_name: str, cfg, opts, log=print) -> TrainingRun:
+    """Data, base model and method, ready to fit. Call `.cleanup()` when done (train() does)."""
+    from transformers import set_seed
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    method = methods.get(method_name)
+    out = Path(cfg.output_dir)
+    _check_output_dir(out)
+    set_seed(cfg.seed)
+    device = default_device()
+    resolved = resolve_model(cfg.model_name)
+    tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
+    train_examples = _tokenized(tokenizer, load_split(cfg.data_path, "train"), cfg.max_length)
+    val_examples = _eval_subset(_tokenized(tokenizer, load_split(cfg.data_path, "validation"), cfg.max_length),
+                                cfg.max_eval_samples, cfg.seed)
+    if not train_examples:
+        raise UsageError(f"--data_path: '{cfg.data_path}' has no training examples with answer tokens")
+    if not val_examples:
+        raise UsageError(f"--data_path: '{cfg.data_path}' has an empty validation split; "
+                         "re-run prepare_dataset with a smaller --train_size")
+    metadata = json.loads((Path(cfg.data_path) / "metadata.json").read_text(encoding="utf-8"))
+    log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
+        f"base {cfg.model_name} on {device}{' (4-bit NF4)' if cfg.load_in_4bit else ''}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    ctx = RunContext(cfg=cfg, resolved_model=resolved, device=device, work_dir=work,
+                     gradient_checkpointing=cfg.gradient_checkpointing and method.GRADIENT_CHECKPOINTING)
+    try:
+        model = method.prepare(ctx, opts)
+    except BaseException:
+        shutil.rmtree(work, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return TrainingRun(method_name, cfg, opts, ctx, model, tokenizer, train_examples, val_examples, metadata,
+                       staging, log)
+
+
+def train(method_name: str, cfg, opts, log=print) -> dict:
+    """Train one method end to end; returns the metrics also written to metrics.json."""
+    run = build(method_name, cfg, opts, log)
+    try:
+        metrics = run.fit()
+        run.save(metrics)
+        return metrics
+    finally:
+        run.cleanup()
+
+
+def read_run(out_dir: str) -> dict:
+    path = Path(out_dir) / CONFIG_FILE
+    if not path.is_file():
+        raise UsageError(f"'{out_dir}' is not a complete medpeft training output (no {CONFIG_FILE})")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
+def load_trained(out_dir: str, device: str | None = None):
+    """(model, tokenizer, run config) of a finished training output, ready for evaluation or generation."""
+    run = read_run(out_dir)
+    method = methods.get(run["method"])
+    settings = run["settings"]
+    names = {f.name for f in dataclasses.fields(method.Options)}
+    opts = method.Options(**{k: v for k, v in settings.items() if k in names})
+    resolved = resolve_model(settings["model_name"])
+    tokenizer = load_tokenizer(str(out_dir))
+    four_bit = settings.get("load_in_4bit", False)
+    base = load_model(resolved, load_in_4bit=four_bit, device=device or default_device(),
+                      trust_remote_code=settings.get("trust_remote_code", False))
+    if four_bit:  # the same fp32 norms and embeddings as during training, so logits match exactly
+        from peft import prepare_model_for_kbit_training
+
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    model = method.load(base, Path(out_dir), opts)
+    model.eval()
+    return model, tokenizer, run

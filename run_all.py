@@ -1,0 +1,9 @@
+"""Seed entry point: `python run_all.py --help`. The logic lives in medpeft/ (see medpeft.cli)."""
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from medpeft.cli import run  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(run(sys.argv[1:], prog="run_all.py", command="run"))
