@@ -1,0 +1,112 @@
+"""Shared fixtures: a tiny random Mistral with an offline tokenizer, small datasets, an isolated cache.
+
+Nothing here touches the network: HF_HUB_OFFLINE is set for the whole session.
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\\n' + message['content'] + "
+          "'<|im_end|>' + '\\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
+# Like Mistral-7B-Instruct-v0.2: no system role, [INST] ... [/INST] answer</s>
+MISTRAL_LIKE = ("{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != "
+                "(loop.index0 % 2 == 0) %}{{ raise_exception('Conversation roles must alternate user/assistant') }}"
+                "{% endif %}{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}"
+                "{% elif message['role'] == 'assistant' %}{{ message['content'] + eos_token }}{% endif %}{% endfor %}")
+
+
+def _corpus():
+    from medpeft.sample_data import build
+
+    texts = []
+    for r in build():
+        texts.append(r["question"])
+        texts.append(str(r["answer"]))
+        if r["options"]:
+            texts.extend(r["options"].values())
+    texts.append("You are a careful medical assistant. Answer the question accurately and concisely, "
+                 "based on established medical knowledge. Answer with the letter of the correct option.")
+    return texts
+
+
+def build_tokenizer(template=CHATML):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<|im_start|>", "<|im_end|>", "<pad>"]
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(_corpus(), trainer)
+    eos = "<|im_end|>" if template == CHATML else "</s>"
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token=eos,
+                                   pad_token="<pad>")
+    fast.chat_template = template
+    return fast
+
+
+def build_model_dir(path: Path, template=CHATML) -> Path:
+    import torch
+    from transformers import MistralConfig, MistralForCausalLM
+
+    tok = build_tokenizer(template)
+    torch.manual_seed(0)
+    config = MistralConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+                           sliding_window=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
+                           bos_token_id=tok.bos_token_id, tie_word_embeddings=False,
+                           initializer_range=0.15)  # logits with room to move, unlike std 0.02
+    model = MistralForCausalLM(config)
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.save_pretrained(path, safe_serialization=True)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> str:
+    """A 2-layer random MistralForCausalLM (the 7B's module names) saved as a local model directory."""
+    return str(build_model_dir(tmp_path_factory.mktemp("tiny-mistral")))
+
+
+@pytest.fixture(scope="session")
+def tiny_mistral_template_model(tmp_path_factory) -> str:
+    return str(build_model_dir(tmp_path_factory.mktemp("tiny-mistral-inst"), MISTRAL_LIKE))
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    return path
+
+
+def qa_rows(n=40):
+    from medpeft.sample_data import build
+
+    rows = [r for r in build() if r["options"] is None]
+    return [{"question": r["question"], "answer": r["answer"], "focus": r["fact_id"]} for r in rows[:n]]
+
+
+@pytest.fixture
+def qa_file(tmp_path) -> Path:
+    return write_jsonl(tmp_path / "qa.jsonl", qa_rows())
+
+
+@pytest.fixture(scope="session")
+def processed(tmp_path_factory, tiny_model) -> str:
+    """The bundled sample, prepared with the tiny model's tokenizer."""
+    from medpeft.config import PrepareConfig
+    from medpeft.data import prepare
+    from medpeft.sample_data import SAMPLE_PATH
+
+    out = tmp_path_factory.mktemp("data") / "processed"
+    prepare(PrepareConfig(input_data=str(SAMPLE_PATH), output_dir=str(out), model_name=tiny_model),
+            log=lambda *a: None)
+    return str(out)

@@ -1,0 +1,213 @@
+"""Data preparation: formats, schemas, splits without leakage, answer-only labels."""
+
+import csv
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from conftest import qa_rows, write_jsonl
+from medpeft.config import PrepareConfig
+from medpeft.data import normalise, prepare, render, tokenize_records
+from medpeft.modeling import load_tokenizer
+from medpeft.sample_data import SAMPLE_PATH
+
+
+def run_prepare(tmp_path, tiny_model, input_data, **kw):
+    out = tmp_path / "out"
+    meta = prepare(PrepareConfig(input_data=str(input_data), output_dir=str(out), model_name=tiny_model, **kw),
+                   log=lambda *a: None)
+    splits = {s: json.loads((out / f"{s}.json").read_text()) for s in ("train", "validation", "test")}
+    return meta, splits
+
+
+def all_records(splits):
+    return [r for recs in splits.values() for r in recs]
+
+
+def write_csv(path, rows, delimiter=","):
+    with open(path, "w", newline="", encoding="utf-8") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]), delimiter=delimiter)
+        w.writeheader()
+        w.writerows(rows)
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "tsv", "json", "jsonl", "parquet"])
+def test_every_format_gives_the_same_records(tmp_path, tiny_model, fmt):
+    rows = qa_rows(30)
+    path = tmp_path / f"data.{fmt}"
+    if fmt == "csv":
+        write_csv(path, rows)
+    elif fmt == "tsv":
+        write_csv(path, rows, "\t")
+    elif fmt == "json":
+        path.write_text(json.dumps(rows))
+    elif fmt == "jsonl":
+        write_jsonl(path, rows)
+    else:
+        pd.DataFrame(rows).to_parquet(path)
+    meta, splits = run_prepare(tmp_path, tiny_model, path)
+    assert meta["rows"]["read"] == 30 and meta["rows"]["kept"] == 30
+    assert meta["schema"] == "qa"
+    got = sorted((r["question"], r["answer"]) for r in all_records(splits))
+    assert got == sorted((r["question"], r["answer"]) for r in rows)
+
+
+def test_folder_of_files_is_read_whole(tmp_path, tiny_model):
+    rows = qa_rows(30)
+    folder = tmp_path / "in"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", rows[:10])
+    write_csv(folder / "b.csv", rows[10:])
+    meta, splits = run_prepare(tmp_path, tiny_model, folder)
+    assert meta["rows"]["kept"] == 30 and len(meta["input_files"]) == 2
+
+
+@pytest.mark.parametrize("row,question,answer", [
+    ({"instruction": "Define anemia.", "input": "", "output": "A low red cell mass."}, "Define anemia.",
+     "A low red cell mass."),
+    ({"prompt": "What is HbA1c?", "response": "Glycated hemoglobin."}, "What is HbA1c?", "Glycated hemoglobin."),
+    ({"Question": "What is a fever?", "Answer": "A raised body temperature."}, "What is a fever?",
+     "A raised body temperature."),
+    ({"messages": [{"role": "user", "content": "Hi, what is BP?"}, {"role": "assistant", "content": "Blood pressure."}]},
+     "Hi, what is BP?", "Blood pressure."),
+    ({"conversations": [{"from": "human", "value": "What is ECG?"}, {"from": "gpt", "value": "Electrocardiogram."}]},
+     "What is ECG?", "Electrocardiogram."),
+])
+def test_schemas_are_detected(tmp_path, tiny_model, row, question, answer):
+    rows = [row]
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), train_size=0.5)
+    rec = all_records(splits)[0]
+    assert (rec["question"], rec["answer"]) == (question, answer)
+    assert rec["messages"][0]["role"] == "system" and rec["messages"][-1] == {"role": "assistant", "content": answer}
+
+
+def test_instruction_input_becomes_context(tmp_path, tiny_model):
+    rows = [{"instruction": "Summarise the note.", "input": "Patient has a cough.", "output": "Cough."}]
+    _, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows))
+    user = all_records(splits)[0]["messages"][1]["content"]
+    assert user == "Patient has a cough.\n\nSummarise the note."
+
+
+@pytest.mark.parametrize("row", [
+    {"question": "Which vitamin prevents scurvy?", "options": {"A": "Vitamin A", "B": "Vitamin C"}, "answer_idx": "B",
+     "answer": "Vitamin C"},  # MedQA style
+    {"question": "Which vitamin prevents scurvy?", "A": "Vitamin A", "B": "Vitamin C", "answer": "B"},
+    {"question": "Which vitamin prevents scurvy?", "opa": "Vitamin A", "opb": "Vitamin C", "cop": 1},  # MedMCQA
+    {"question": "Which vitamin prevents scurvy?", "choices": ["Vitamin A", "Vitamin C"], "label": "Vitamin C"},
+])
+def test_multiple_choice_forms(tmp_path, tiny_model, row):
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", [row]))
+    rec = all_records(splits)[0]
+    assert meta["schema"] == "multiple_choice"
+    assert rec["options"] == {"A": "Vitamin A", "B": "Vitamin C"} and rec["label"] == "B"
+    assert rec["answer"] == "B. Vitamin C"
+    assert "A. Vitamin A\nB. Vitamin C" in rec["messages"][1]["content"]
+
+
+def test_system_prompt_flag(tmp_path, tiny_model, qa_file):
+    _, splits = run_prepare(tmp_path, tiny_model, qa_file, system_prompt="Be brief.")
+    assert all(r["messages"][0] == {"role": "system", "content": "Be brief."} for r in all_records(splits))
+    _, splits = run_prepare(tmp_path, tiny_model, qa_file, system_prompt="")
+    assert all(r["messages"][0]["role"] == "user" for r in all_records(splits))
+
+
+def test_column_flags_override_detection(tmp_path, tiny_model):
+    rows = [{"q_text": f"Question {i}?", "reply": f"Reply {i}.", "question": "decoy"} for i in range(10)]
+    _, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows),
+                            question_column="q_text", answer_column="reply")
+    assert sorted(r["question"] for r in all_records(splits)) == sorted(f"Question {i}?" for i in range(10))
+
+
+def test_splits_share_no_question_and_no_group(tmp_path, tiny_model):
+    rows = []
+    for g in range(30):
+        for k in range(3):
+            rows.append({"question": f"What is condition {g} variant {k}?", "answer": f"Answer {g}-{k}.",
+                         "focus": f"topic-{g}"})
+    # normalised duplicates of other questions with different answers: must land with their twin
+    rows += [{"question": f"what is CONDITION {g} variant 0 ?!", "answer": "Another answer.", "focus": f"x{g}"}
+             for g in range(10)]
+    rows += [rows[0]] * 3  # exact duplicates are dropped
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), group_by="focus")
+    assert meta["rows"]["dropped_by_reason"] == {"duplicate of an earlier row": 3}
+    questions = {s: {normalise(r["question"]) for r in recs} for s, recs in splits.items()}
+    groups = {s: {r["group"] for r in recs} for s, recs in splits.items()}
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not questions[a] & questions[b]
+        assert not groups[a] & groups[b]
+    total = sum(len(v) for v in splits.values())
+    assert total == 100 and 0.7 <= len(splits["train"]) / total <= 0.9
+    assert splits["validation"] and splits["test"]
+
+
+def test_predefined_split_column_is_respected(tmp_path, tiny_model):
+    meta, splits = run_prepare(tmp_path, tiny_model, SAMPLE_PATH)
+    source = [json.loads(line) for line in SAMPLE_PATH.read_text().splitlines()]
+    assert {s: len(v) for s, v in splits.items()} == {
+        s: sum(r["split"] == s for r in source) for s in ("train", "validation", "test")}
+    # test holds new phrasings of facts seen in training, and facts never seen
+    train_facts = {r["meta"]["fact_id"] for r in splits["train"]}
+    test_facts = {r["meta"]["fact_id"] for r in splits["test"]}
+    assert test_facts & train_facts and test_facts - train_facts
+
+
+def test_labels_mask_everything_but_the_answer(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What causes scurvy?"},
+                {"role": "assistant", "content": "Vitamin C deficiency."}]
+    (ex,) = tokenize_records(tok, [{"messages": messages}], 512)
+    prompt = render(tok, messages[:-1], add_generation_prompt=True)
+    n_prompt = len(tok(prompt, add_special_tokens=False)["input_ids"])
+    assert all(lab == -100 for lab in ex["labels"][:n_prompt])
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert trained == ex["input_ids"][n_prompt:]
+    assert tok.decode(trained) == "Vitamin C deficiency.<|im_end|>\n"
+
+
+def test_labels_cover_every_assistant_turn(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."},
+                {"role": "user", "content": "What is BP?"}, {"role": "assistant", "content": "Blood pressure."}]
+    (ex,) = tokenize_records(tok, [{"messages": messages}], 512)
+    text = tok.decode([t if lab != -100 else tok.convert_tokens_to_ids("<unk>") for t, lab in
+                       zip(ex["input_ids"], ex["labels"])], skip_special_tokens=False)
+    assert "Hello.<|im_end|>" in text and "Blood pressure.<|im_end|>" in text
+    assert "What is BP" not in text.replace("<unk>", "")
+
+
+def test_template_without_system_role_folds_it_into_the_user_turn(tiny_mistral_template_model):
+    tok = load_tokenizer(tiny_mistral_template_model)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What causes rickets?"},
+                {"role": "assistant", "content": "Vitamin D deficiency."}]
+    assert render(tok, messages) == "<s>[INST] Be brief.\n\nWhat causes rickets? [/INST]Vitamin D deficiency.</s>"
+    (ex,) = tokenize_records(tok, [{"messages": messages}], 512)
+    trained = [t for t, lab in zip(ex["input_ids"], ex["labels"]) if lab != -100]
+    assert tok.decode(trained) == "Vitamin D deficiency.</s>"
+
+
+def test_truncation_is_counted_and_prompt_only_rows_dropped(tmp_path, tiny_model):
+    rows = [{"question": f"Short question {i}?", "answer": "word " * 200} for i in range(8)]
+    rows.append({"question": "long " * 400, "answer": "x"})
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), max_length=64,
+                               system_prompt="")
+    assert meta["tokens"]["truncated"] == 8
+    assert meta["rows"]["dropped_by_reason"] == {"prompt alone reaches --max_length 64": 1}
+    assert all(len(r["messages"]) == 2 for recs in splits.values() for r in recs)
+    assert meta["rows"]["kept"] == 8
+
+
+def test_metadata_records_what_a_user_needs(tmp_path, tiny_model, qa_file):
+    meta, _ = run_prepare(tmp_path, tiny_model, qa_file, seed=3)
+    assert len(meta["input_sha256"]) == 64
+    assert meta["split"]["seed"] == 3 and meta["max_length"] == 512
+    assert set(meta["tokens"]["total"]) >= {"mean", "median", "p90", "max"}
+    assert sum(meta["counts"].values()) == meta["rows"]["kept"] == 40
+
+
+def test_debug_shows_tokens_with_their_mask(tmp_path, tiny_model, qa_file, capsys):
+    run_prepare(tmp_path, tiny_model, qa_file, debug=1)
+    out = capsys.readouterr().out
+    assert "trained on (green)" in out and "\033[32m" in out and "\033[2m" in out
