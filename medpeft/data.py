@@ -586,7 +586,7 @@ def prepare(cfg, log=print) -> dict:
         seen.add(key)
         split = row.get("split")
         rec["split"] = SPLIT_ALIASES.get(str(split).strip().lower()) if split not in (None, "") else None
-        rec["group"] = _text(row.get(cfg.group_by)) if cfg.group_by else None
+        rec["group"] = (_text(row.get(cfg.group_by)) or None) if cfg.group_by else None  # empty: no group
         rec["id"] = f"row-{i:06d}"
         extra = {k: v for k, v in row.items() if k not in used and k != cfg.group_by
                  and isinstance(v, (str, int, float, bool)) and len(str(v)) <= 200}

@@ -131,15 +131,19 @@ def test_splits_share_no_question_and_no_group(tmp_path, tiny_model):
     rows += [{"question": f"what is CONDITION {g} variant 0 ?!", "answer": "Another answer.", "focus": f"x{g}"}
              for g in range(10)]
     rows += [rows[0]] * 3  # exact duplicates are dropped
+    rows += [{"question": f"Ungrouped question {k}?", "answer": "Yes.", "focus": ""} for k in range(10)]
     meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "d.jsonl", rows), group_by="focus")
     assert meta["rows"]["dropped_by_reason"] == {"duplicate of an earlier row": 3}
     questions = {s: {normalise(r["question"]) for r in recs} for s, recs in splits.items()}
     groups = {s: {r["group"] for r in recs} for s, recs in splits.items()}
     for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
         assert not questions[a] & questions[b]
-        assert not groups[a] & groups[b]
     total = sum(len(v) for v in splits.values())
-    assert total == 100 and 0.7 <= len(splits["train"]) / total <= 0.9
+    assert sum(r["group"] is None for recs in splits.values() for r in recs) == 10  # empty = no group
+    groups = {s: g - {None} for s, g in groups.items()}
+    for a, b in [("train", "validation"), ("train", "test"), ("validation", "test")]:
+        assert not groups[a] & groups[b]
+    assert total == 110 and 0.7 <= len(splits["train"]) / total <= 0.9
     assert splits["validation"] and splits["test"]
 
 
