@@ -30,6 +30,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*use_reentrant.*")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    # "adapters available but none are activated": expected while the base model's loss is measured
+    logging.getLogger("adapters").setLevel(logging.ERROR)
 
 
 def cmd_prepare(argv, prog):
@@ -63,8 +65,11 @@ def cmd_train(argv, prog, method_name=None):
     flag, argv = _pop_flag(list(argv), "--method")
     method_name = flag or method_name
     config_path, _ = _pop_flag(list(argv), "--config")
-    if method_name is None and config_path:
-        method_name = config.load_yaml(config_path).get("method")
+    config_method = config.load_yaml(config_path).get("method") if config_path else None
+    if method_name and config_method and config_method != method_name:
+        raise UsageError(f"{prog}: --config {config_path} is for method '{config_method}', "
+                         f"but this command trains '{method_name}'")
+    method_name = method_name or config_method
     if method_name is None:
         raise UsageError(f"{prog}: --method is required: one of {', '.join(methods.NAMES)}")
     method = methods.get(method_name)

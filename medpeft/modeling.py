@@ -197,12 +197,18 @@ def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = N
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as exc:
         raise UsageError(f"could not load model '{resolved}': {str(exc).splitlines()[0]}") from exc
-    if load_in_4bit and device == "cpu":
-        # bitsandbytes repacks 4-bit weights for its CPU kernel on the first no-grad forward and rounds the
-        # scales when unpacking for training: the frozen base would drift, and reloads would not match.
-        for module in model.modules():
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
+    return pin_4bit_layout(model)
+
+
+def pin_4bit_layout(model):
+    """Keep 4-bit weights in their stored layout on the CPU. Call again after a method replaces layers.
+
+    bitsandbytes repacks 4-bit weights for its CPU kernel on the first no-grad forward and rounds the scales
+    when unpacking them for training: the frozen base would drift, and a reload would not match.
+    """
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
     return model
 
 

@@ -28,7 +28,7 @@ from .config import as_dict, write_json
 from .data import PadCollator, _replace_dir, load_split, tokenize_records
 from .errors import UsageError
 from .evaluation import answer_loss
-from .modeling import default_device, load_model, load_tokenizer, resolve_model
+from .modeling import default_device, load_model, load_tokenizer, pin_4bit_layout, resolve_model
 
 CONFIG_FILE = "medpeft_config.json"
 METRICS_FILE = "metrics.json"
@@ -177,11 +177,20 @@ class TrainingRun:
             bf16=use_bf16, use_cpu=device == "cpu",
             optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
             remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
-            group_by_length=cfg.group_by_length,
+            group_by_length=cfg.group_by_length, disable_tqdm=False,
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
         )
-        trainer = Trainer(model=self.model, args=args, train_dataset=self.train_examples,
-                          eval_dataset=self.val_examples if cfg.eval_steps else None, data_collator=collator)
+        # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
+        # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
+        quantized_non_peft = getattr(self.model, "is_quantized", False) and not hasattr(self.model, "peft_config")
+        if quantized_non_peft:
+            self.model.is_quantized = False
+        try:
+            trainer = Trainer(model=self.model, args=args, train_dataset=self.train_examples,
+                              eval_dataset=self.val_examples if cfg.eval_steps else None, data_collator=collator)
+        finally:
+            if quantized_non_peft:
+                self.model.is_quantized = True
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
@@ -220,11 +229,10 @@ class TrainingRun:
         self.tokenizer.save_pretrained(staging)
         write_json(staging / CONFIG_FILE, {
             "method": self.method_name, "settings": as_dict(self.cfg, self.opts),
-            "resolved_model": self.ctx.resolved_model,
+            "resolved_model": self.ctx.resolved_model, "base_signature": base_signature(self.model),
             "data": {k: self.metadata.get(k) for k in ("input_data", "input_sha256", "schema", "counts", "rows")},
             "medpeft_version": library_versions()["medpeft"]})
-        metrics["adapter_size_bytes"] = sum(f.stat().st_size for f in staging.rglob("*")
-                                            if f.is_file() and "tokenizer" not in f.name)
+        metrics["adapter_size_bytes"] = (staging / self.method.WEIGHTS_FILE).stat().st_size
         write_json(staging / METRICS_FILE, metrics)
         _replace_dir(staging, out, CONFIG_FILE)
         self.log(f"saved to {out}")
@@ -265,7 +273,7 @@ def build(method_name: str, cfg, opts, log=print) -> TrainingRun:
     ctx = RunContext(cfg=cfg, resolved_model=resolved, device=device, work_dir=work,
                      gradient_checkpointing=cfg.gradient_checkpointing and method.GRADIENT_CHECKPOINTING)
     try:
-        model = method.prepare(ctx, opts)
+        model = pin_4bit_layout(method.prepare(ctx, opts))
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
         shutil.rmtree(staging, ignore_errors=True)
@@ -283,6 +291,16 @@ def train(method_name: str, cfg, opts, log=print) -> dict:
         return metrics
     finally:
         run.cleanup()
+
+
+SIGNATURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
+                    "vocab_size")
+
+
+def base_signature(model) -> dict:
+    """The shape of the base model a method was trained on; loading onto another shape is refused."""
+    config = model.config
+    return {k: getattr(config, k, None) for k in SIGNATURE_FIELDS}
 
 
 def read_run(out_dir: str) -> dict:
@@ -308,6 +326,15 @@ def load_trained(out_dir: str, device: str | None = None):
         from peft import prepare_model_for_kbit_training
 
         base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
-    model = method.load(base, Path(out_dir), opts)
+    expected, found = run.get("base_signature") or {}, base_signature(base)
+    differences = [f"{k} {expected[k]} vs {found[k]}" for k in expected if expected[k] != found.get(k)]
+    if differences:
+        raise UsageError(f"the {run['method']} weights in '{out_dir}' do not fit base model "
+                         f"'{settings['model_name']}': trained on another shape ({', '.join(differences)})")
+    try:
+        model = pin_4bit_layout(method.load(base, Path(out_dir), opts))
+    except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, missing modules
+        raise UsageError(f"the {run['method']} weights in '{out_dir}' do not fit base model "
+                         f"'{settings['model_name']}': {str(exc).strip().splitlines()[0][:300]}") from exc
     model.eval()
     return model, tokenizer, run

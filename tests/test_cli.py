@@ -159,3 +159,10 @@ def test_help_lists_every_flag_with_its_default(capsys):
                  "--no-load_in_4bit", "--config"):
         assert flag in out, flag
     assert "(default: True)" in out
+
+
+def test_config_for_another_method_is_refused(capsys):
+    code = run(["--config", str(ROOT / "configs" / "adapter.yaml")], prog="qlora/train_qlora.py", command="train",
+               method="qlora")
+    assert code == 2
+    assert "is for method 'adapter', but this command trains 'qlora'" in capsys.readouterr().err

@@ -3,6 +3,7 @@
     NAME, HELP                      what it is
     DEFAULTS                        training settings that differ from TrainConfig's defaults
     GRADIENT_CHECKPOINTING          whether the method works with activation recomputation
+    WEIGHTS_FILE                    the file save() writes the trained weights to
     Options                         dataclass of the method's own flags, with validate()
     prepare(ctx, opts) -> model     base model (from ctx.load_base) with the method attached, only it trainable
     disabled(model)                 context manager: the bare base model's behaviour

@@ -21,6 +21,7 @@ NAME = "qlora"
 HELP = "QLoRA: low-rank adapters on all linear layers of a 4-bit quantized base"
 DEFAULTS = {"learning_rate": 2e-4, "load_in_4bit": True, "output_dir": "models/qlora"}
 GRADIENT_CHECKPOINTING = True
+WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
 SVD_INITS = ("pissa", "olora")
 
 

@@ -1,0 +1,120 @@
+"""P-Tuning: trainable virtual tokens produced by a small prompt encoder (peft PromptEncoderConfig); base frozen.
+
+The virtual tokens are prepended to every input. Only the encoder trains; after training peft saves the
+virtual-token embeddings it produces, so loading needs no encoder. Gradient checkpointing stays off: the
+virtual tokens enter through inputs_embeds, which the recomputed blocks do not see as requiring grad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from ..config import opt
+
+NAME = "ptuning"
+HELP = "P-Tuning: trainable virtual-token prompt encoder in front of a frozen base"
+DEFAULTS = {"learning_rate": 5e-5, "output_dir": "models/ptuning"}
+GRADIENT_CHECKPOINTING = False
+WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
+
+
+@dataclass
+class Options:
+    num_virtual_tokens: int = opt(20, "virtual tokens prepended to every input")
+    encoder_hidden_size: Optional[int] = opt(None, "hidden width of the prompt encoder (default: model hidden size)")
+    encoder_reparameterization_type: str = opt("MLP", "prompt encoder architecture", ["MLP", "LSTM"])
+    encoder_num_layers: int = opt(2, "LSTM layers (the MLP always has 3 linear layers)")
+    encoder_dropout: float = opt(0.0, "dropout inside the prompt encoder")
+    prompt_init: str = opt("text", "start the virtual tokens as the embeddings of --prompt_init_text (text) "
+                                   "or from the encoder's random output (random)", ["text", "random"])
+    prompt_init_text: str = opt("Answer the following medical question accurately and concisely.",
+                                "text whose token embeddings the virtual tokens start from (repeated to fill them)")
+
+    def validate(self) -> list[str]:
+        problems = []
+        if self.num_virtual_tokens <= 0:
+            problems.append(f"--num_virtual_tokens must be positive, got {self.num_virtual_tokens}")
+        if self.encoder_hidden_size is not None and self.encoder_hidden_size <= 0:
+            problems.append(f"--encoder_hidden_size must be positive, got {self.encoder_hidden_size}")
+        if not 0 <= self.encoder_dropout < 1:
+            problems.append(f"--encoder_dropout must be in [0, 1), got {self.encoder_dropout}")
+        return problems
+
+
+def _prompt_config(opts: Options, hidden_size: int):
+    from peft import PromptEncoderConfig
+
+    return PromptEncoderConfig(task_type="CAUSAL_LM", num_virtual_tokens=opts.num_virtual_tokens,
+                               encoder_hidden_size=opts.encoder_hidden_size or hidden_size,
+                               encoder_reparameterization_type=opts.encoder_reparameterization_type,
+                               encoder_num_layers=opts.encoder_num_layers, encoder_dropout=opts.encoder_dropout)
+
+
+def prepare(ctx, opts: Options):
+    from peft import get_peft_model
+
+    model = ctx.load_base()
+    peft_model = get_peft_model(model, _prompt_config(opts, model.config.hidden_size))
+    if opts.prompt_init == "text":
+        from ..modeling import load_tokenizer
+
+        tokenizer = load_tokenizer(ctx.resolved_model, ctx.cfg.trust_remote_code)
+        fit_encoder_to_text(peft_model, tokenizer, opts.prompt_init_text)
+    return peft_model
+
+
+def text_embeddings(peft_model, tokenizer, text: str, n: int):
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] or [tokenizer.eos_token_id]
+    ids = (ids * (n // len(ids) + 1))[:n]
+    embed = peft_model.get_input_embeddings()
+    return embed(torch.tensor(ids, device=embed.weight.device)).detach().float()
+
+
+def fit_encoder_to_text(peft_model, tokenizer, text: str, steps: int = 300) -> float:
+    """Train the prompt encoder briefly so that its virtual tokens equal the embeddings of `text`.
+
+    Random virtual tokens disturb the frozen model (its loss starts above the base); real-token embeddings
+    start it from a sensible instruction. Returns the remaining mean squared error.
+    """
+    encoder = peft_model.prompt_encoder["default"]
+    n = encoder.embedding.num_embeddings
+    target = text_embeddings(peft_model, tokenizer, text, n)
+    indices = torch.arange(n, device=target.device)
+    params = [p for p in encoder.parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=1e-3)
+    with torch.enable_grad():
+        for _ in range(steps):
+            loss = torch.nn.functional.mse_loss(encoder(indices).float(), target)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+    return float(loss)
+
+
+def disabled(model):
+    return model.disable_adapter()
+
+
+def save(model, out_dir: Path, ctx=None) -> None:
+    model.save_pretrained(out_dir)
+
+
+def load(base_model, out_dir: Path, opts: Options | None = None):
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(base_model, str(out_dir))
+
+
+def trainable_formula(model, opts: Options) -> int:
+    """Virtual-token table plus the encoder: MLP h->e->e->h with biases (LSTM: see peft's PromptEncoder)."""
+    h = model.config.hidden_size
+    e = opts.encoder_hidden_size or h
+    table = opts.num_virtual_tokens * h
+    if opts.encoder_reparameterization_type == "MLP":
+        return table + (h * e + e) + (e * e + e) + (e * h + h)
+    lstm = sum(p.numel() for p in model.prompt_encoder["default"].lstm_head.parameters())
+    return table + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
