@@ -175,7 +175,8 @@ def test_ptuning_text_init_reproduces_the_text_embeddings(tiny_model, processed,
     from medpeft.methods.ptuning import text_embeddings
 
     method, options, overrides, _ = MATRIX["ptuning-mlp"]
-    run = make(tiny_model, processed, tmp_path / "p", method, dict(options, prompt_init_text="What causes scurvy?"),
+    run = make(tiny_model, processed, tmp_path / "p", method, dict(options, prompt_init="text",
+                                                                    prompt_init_text="What causes scurvy?"),
                overrides)
     try:
         encoder = run.model.prompt_encoder["default"]
