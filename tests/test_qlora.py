@@ -8,7 +8,6 @@ import json
 import pytest
 import torch
 
-from medpeft.methods.qlora import Options
 from test_methods import MATRIX, make
 
 pytestmark = pytest.mark.filterwarnings("ignore")

@@ -14,7 +14,6 @@ import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
 
 from ..config import opt
 from ..errors import UsageError
