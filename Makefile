@@ -9,7 +9,7 @@ DEMO := demo_output
 
 .PHONY: demo test clean
 
-$(STAMP): requirements.txt pyproject.toml
+$(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff 2>&1 | grep -v "is ignored: it is neither" || true
