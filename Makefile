@@ -1,11 +1,11 @@
-# make demo: prepare the bundled sample and fine-tune the embedded SmolLM2-135M with QLoRA (CPU).
+# make demo: the whole pipeline (prepare, QLoRA, adapters, P-Tuning, evaluation, report) on the embedded
+#            SmolLM2-135M and the bundled sample, on the CPU.
 # make test: the test suite (CPU, no network).
 # Both create .venv and install what they need the first time.
 PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medpeft-installed
-DEMO := demo_output
 
 .PHONY: demo test clean
 
@@ -19,14 +19,11 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 	touch $@
 
 demo: $(STAMP)
-	$(BIN)/python utils/prepare_dataset.py --input_data medpeft/resources/medical_sample.jsonl \
-	    --output_dir $(DEMO)/processed_data --model_name smollm2-135m --max_length 512 --train_size 0.8
-	$(BIN)/python qlora/train_qlora.py --config configs/demo_qlora.yaml \
-	    --data_path $(DEMO)/processed_data --output_dir $(DEMO)/models/qlora
+	$(BIN)/python run_all.py --config medpeft/resources/demo.yaml
 
 test: $(STAMP)
 	$(BIN)/ruff check --select F,E9,B --ignore B905 --line-length 120 medpeft tests qlora adapter_tuning p_tuning utils run_all.py
 	$(BIN)/python -m pytest -q
 
 clean:
-	rm -rf $(DEMO)
+	rm -rf demo_output

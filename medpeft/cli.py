@@ -83,8 +83,52 @@ def cmd_train(argv, prog, method_name=None):
     return 0
 
 
-def cmd_not_yet(argv, prog):
-    raise UsageError(f"{prog}: not implemented yet")
+def print_summary(results: dict) -> None:
+    from .report import COLUMNS, summary_rows
+
+    keep = ["model", "status", "loss", "ROUGE-L [95% CI]", "MC acc. log-lik [95% CI]", "gain vs base",
+            "trainable params", "train s", "peak mem GB", "s/answer"]
+    idx = [i for i, (h, _) in enumerate(COLUMNS) if h in keep]
+    rows = [[COLUMNS[i][0] for i in idx]] + [[r[i] for i in idx] for r in summary_rows(results)]
+    widths = [max(len(r[c]) for r in rows) for c in range(len(idx))]
+    for n, row in enumerate(rows):
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
+        if n == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def cmd_evaluate(argv, prog):
+    from pathlib import Path
+
+    from . import config
+    from .evaluation import run_evaluation
+    from .report import write_report
+
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["evaluate"], [config.EvalConfig])
+    results = run_evaluation(cfg)
+    md, page = write_report(results, Path(cfg.output_file).parent)
+    print_summary(results)
+    print(f"wrote {cfg.output_file}, {md}, {page}")
+    return 0
+
+
+def cmd_run(argv, prog):
+    from . import config, methods
+    from .pipeline import RunConfig, run_pipeline
+
+    if not argv:  # a bare `python run_all.py` is the demo: every method on the embedded model and sample
+        from .pipeline import DEMO_CONFIG
+
+        argv = ["--config", str(DEMO_CONFIG)]
+        print(f"no arguments: running the demo configuration {DEMO_CONFIG}")
+    config_path, _ = _pop_flag(list(argv), "--config")
+    data = config.load_yaml(config_path) if config_path else {}
+    # a run config may carry per-method sections: {qlora: {lora_r: 8}, adapter: {...}}
+    overrides = {m: data[m] for m in methods.NAMES if isinstance(data.get(m), dict)}
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["run"], [RunConfig], nested=methods.NAMES)
+    results = run_pipeline(cfg, overrides)
+    print_summary(results)
+    return 0
 
 
 def run(argv, prog="medpeft", command=None, method=None) -> int:
@@ -104,8 +148,10 @@ def run(argv, prog="medpeft", command=None, method=None) -> int:
             return cmd_prepare(argv, prog)
         if command == "train":
             return cmd_train(argv, prog, method)
-        if command in ("evaluate", "run"):
-            return cmd_not_yet(argv, prog)
+        if command == "evaluate":
+            return cmd_evaluate(argv, prog)
+        if command == "run":
+            return cmd_run(argv, prog)
         raise UsageError(f"{prog}: unknown command '{command}'; commands: {', '.join(SUBCOMMANDS)}")
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -180,8 +180,11 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def parse(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None) -> list:
-    """Parse flags (+ optional YAML) into one instance per section; raise one UsageError listing every problem."""
+def parse(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None,
+          nested: tuple = ()) -> list:
+    """Parse flags (+ optional YAML) into one instance per section; raise one UsageError listing every problem.
+
+    `nested` names YAML keys that hold a mapping for someone else (run_all's per-method sections)."""
     parser = build_parser(prog, description, sections, defaults)
     given = vars(parser.parse_args(argv))
     values = dict(defaults or {})
@@ -190,7 +193,7 @@ def parse(argv, prog: str, description: str, sections: list[type], defaults: dic
     if "config" in given:
         config_path = given.pop("config")
         for key, value in load_yaml(config_path).items():
-            if key in ("method",):
+            if key == "method" or (key in nested and isinstance(value, dict)):
                 continue
             if key not in known:
                 problems.append(f"unknown setting '{key}' in {config_path} (known: {', '.join(sorted(known))})")
@@ -226,3 +229,29 @@ def as_dict(*instances) -> dict[str, Any]:
 
 def write_json(path: Path, data) -> None:
     path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+
+
+@dataclass
+class EvalConfig:
+    base_model: str = opt(DEFAULT_MODEL, "the base model every fine-tuned model is compared with")
+    qlora_model: Optional[str] = opt(None, "output directory of qlora/train_qlora.py")
+    adapter_model: Optional[str] = opt(None, "output directory of adapter_tuning/train_adapter.py")
+    ptuning_model: Optional[str] = opt(None, "output directory of p_tuning/train_ptuning.py")
+    test_data: str = opt("processed_data/test.json", "test split written by prepare_dataset")
+    output_file: str = opt("evaluation_results.json", "results JSON; report.md and report.html go beside it")
+    max_samples: int = opt(200, "test items evaluated, drawn with --seed (-1 = all)")
+    batch_size: int = opt(8, "sequences per forward pass / generation batch")
+    max_new_tokens: int = opt(128, "longest generated answer, in tokens")
+    max_length: int = opt(512, "truncate test examples to this many tokens for the loss")
+    num_samples_shown: int = opt(5, "test questions shown with every model's answer in the report")
+    seed: int = opt(42, "seed for the test subset and the bootstrap intervals")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+
+    def validate(self) -> list[str]:
+        problems = []
+        for name in ("batch_size", "max_new_tokens", "max_length"):
+            if getattr(self, name) <= 0:
+                problems.append(f"--{name} must be positive, got {getattr(self, name)}")
+        if self.max_samples == 0 or self.max_samples < -1:
+            problems.append(f"--max_samples must be positive or -1 (all), got {self.max_samples}")
+        return problems

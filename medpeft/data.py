@@ -557,7 +557,7 @@ def publish_dir(tmp: Path, target: Path, marker: str) -> None:
         os.replace(tmp, target)
 
 
-def prepare(cfg, log=print) -> dict:
+def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     """Read, convert, de-duplicate, split, measure and write a processed dataset. Returns the metadata."""
     from . import __version__
     from .modeling import load_tokenizer, resolve_model
@@ -631,7 +631,7 @@ def prepare(cfg, log=print) -> dict:
                    "truncated": sum(r["_tok"]["truncated"] for r in kept),
                    "padding_efficiency_at_max_length": round(
                        sum(min(n, cfg.max_length) for n in n_tokens) / (len(n_tokens) * cfg.max_length), 3)},
-        "seconds": None,
+        "seconds": None, "fingerprint": fingerprint,
     }
     out = Path(cfg.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

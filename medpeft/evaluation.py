@@ -1,14 +1,38 @@
-"""Scores of a model on processed data. For now: the answer-only loss (mean NLL per answer token)."""
+"""Scores of a model on processed data: answer-only loss, generation metrics, multiple-choice accuracy, speed.
+
+    evaluate(cfg)  ->  evaluation_results.json  (schema below) + report.md / report.html (see report.py)
+
+evaluation_results.json:
+    {"schema_version": 1, "created": ..., "test_data": ..., "settings": {...}, "versions": {...},
+     "models": {"base": {...}, "qlora": {...}, ...}}          one entry per model, each:
+        {"name", "path", "status": "ok" | "failed", "error": null | "one line",
+         "loss": {"loss", "perplexity", "tokens", "examples"},
+         "generation": {"rouge1", "rouge2", "rougeL", "bleu", "token_f1", "rougeL_ci": [lo, hi], "items"},
+         "choice": {"items", "accuracy_loglik", "accuracy_loglik_ci", "macro_f1_loglik",
+                    "accuracy_generate", "accuracy_generate_ci", "macro_f1_generate", "unparseable_rate"},
+         "efficiency": {"trainable_parameters", "size_bytes", "train_runtime_s", "train_tokens_per_s",
+                        "peak_memory_gb", "latency_s_per_answer", "generated_tokens_per_s",
+                        "merged_latency_s_per_answer", "merged_generated_tokens_per_s"},
+         "training": {"loss_curve": [...], "validation_loss_base", "validation_loss_final"} | null,
+         "samples": [{"question", "reference", "answer"}, ...]}
+"""
 
 from __future__ import annotations
 
 import math
+import random
+import re
+import string
+import time
+from collections import Counter
 
 import torch
 from tqdm.auto import tqdm
 
-from .data import PadCollator
+from .data import PadCollator, render
 from .modeling import autocast
+
+# ----------------------------------------------------------------------------------------------- losses
 
 
 @torch.no_grad()
@@ -36,3 +60,344 @@ def answer_loss(model, examples: list[dict], pad_token_id: int, batch_size: int 
     loss = total / max(count, 1)
     return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 3), "tokens": count,
             "examples": len(examples)}
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+def _normalise_tokens(text: str) -> list[str]:
+    text = text.lower()
+    text = "".join(ch if ch not in string.punctuation else " " for ch in text)
+    return [t for t in text.split() if t not in ("a", "an", "the")]
+
+
+def token_f1(prediction: str, reference: str) -> float:
+    """SQuAD-style F1 over lower-cased words without punctuation and articles."""
+    pred, ref = _normalise_tokens(prediction), _normalise_tokens(reference)
+    if not pred or not ref:
+        return float(pred == ref)
+    common = sum((Counter(pred) & Counter(ref)).values())
+    if common == 0:
+        return 0.0
+    precision, recall = common / len(pred), common / len(ref)
+    return 2 * precision * recall / (precision + recall)
+
+
+def text_metrics(predictions: list[str], references: list[str]) -> tuple[dict, list[dict]]:
+    """Corpus ROUGE-1/2/L (mean F), BLEU and token F1, plus the per-item scores."""
+    import sacrebleu
+    from rouge_score import rouge_scorer
+
+    scorer = rouge_scorer.RougeScorer(["rouge1", "rouge2", "rougeL"], use_stemmer=True)
+    items = []
+    for pred, ref in zip(predictions, references):
+        scores = scorer.score(ref, pred)
+        items.append({k: scores[k].fmeasure for k in ("rouge1", "rouge2", "rougeL")} | {"token_f1": token_f1(pred, ref)})
+    summary = {k: round(sum(i[k] for i in items) / max(len(items), 1), 4)
+               for k in ("rouge1", "rouge2", "rougeL", "token_f1")}
+    summary["bleu"] = round(sacrebleu.corpus_bleu(predictions, [references]).score, 3) if items else 0.0
+    summary["items"] = len(items)
+    return summary, items
+
+
+def bootstrap_ci(values: list[float], resamples: int = 1000, seed: int = 0, level: float = 0.95) -> list[float]:
+    """Percentile bootstrap interval of the mean."""
+    if not values:
+        return [0.0, 0.0]
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(values[rng.randrange(n)] for _ in range(n)) / n for _ in range(resamples))
+    lo = means[int((1 - level) / 2 * resamples)]
+    hi = means[min(resamples - 1, int((1 + level) / 2 * resamples))]
+    return [round(lo, 4), round(hi, 4)]
+
+
+def macro_f1(predicted: list[str | None], gold: list[str]) -> float:
+    labels = sorted(set(gold))
+    scores = []
+    for label in labels:
+        tp = sum(p == label and g == label for p, g in zip(predicted, gold))
+        fp = sum(p == label and g != label for p, g in zip(predicted, gold))
+        fn = sum(p != label and g == label for p, g in zip(predicted, gold))
+        scores.append(0.0 if tp == 0 else 2 * tp / (2 * tp + fp + fn))
+    return round(sum(scores) / max(len(scores), 1), 4)
+
+
+def parse_choice(text: str, options: dict[str, str]) -> str | None:
+    """The option a generated answer names: a leading letter ("B", "B.", "(B)", "Answer: B") or an option's text."""
+    head = text.strip()
+    m = re.match(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(?([A-J])(?:[.):]|\s*$)", head,
+                 flags=re.IGNORECASE)
+    if m and m.group(1).upper() in options:
+        return m.group(1).upper()
+    lowered = head.lower()
+    found = [k for k, v in options.items() if v.lower() in lowered]
+    return found[0] if len(found) == 1 else None
+
+
+# ----------------------------------------------------------------------------------------------- model calls
+
+def _prompt(tokenizer, record: dict) -> str:
+    return render(tokenizer, record["messages"][:-1], add_generation_prompt=True)
+
+
+@torch.no_grad()
+def score_options(model, tokenizer, record: dict) -> dict[str, float]:
+    """Sum of log-probabilities of each option's completion ("B. text") after the prompt."""
+    prompt = _prompt(tokenizer, record)
+    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+    device = next(model.parameters()).device
+    rows, spans = [], []
+    for letter, text in record["options"].items():
+        ids = tokenizer(prompt + f"{letter}. {text}", add_special_tokens=False)["input_ids"]
+        start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(prompt_ids))
+        rows.append(ids)
+        spans.append((letter, start, len(ids)))
+    width = max(len(r) for r in rows)
+    pad = tokenizer.pad_token_id
+    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
+    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
+    with autocast(model):
+        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
+    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
+    # P-Tuning prepends virtual tokens to the logits: keep the positions of the real tokens.
+    logprobs = logprobs[:, logprobs.shape[1] - (width - 1):]
+    scores = {}
+    for row, (letter, start, end) in enumerate(spans):
+        targets = input_ids[row, start:end]
+        scores[letter] = float(logprobs[row, start - 1:end - 1].gather(-1, targets[:, None]).sum())
+    return scores
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, records: list[dict], batch_size: int, max_new_tokens: int,
+                     desc: str = "generate") -> tuple[list[str], dict]:
+    """Greedy answers with the chat template, in left-padded batches; also latency and generated tokens/s."""
+    device = next(model.parameters()).device
+    prompts = [_prompt(tokenizer, r) for r in records]
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    answers: list[str] = [""] * len(prompts)
+    generated_tokens, seconds = 0, 0.0
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    try:
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+            idx = order[start:start + batch_size]
+            enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
+            enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}
+            t0 = time.perf_counter()
+            with autocast(model):
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            seconds += time.perf_counter() - t0
+            new = out[:, enc["input_ids"].shape[1]:]
+            for row, i in enumerate(idx):
+                tokens = new[row].tolist()
+                if tokenizer.eos_token_id in tokens:
+                    tokens = tokens[:tokens.index(tokenizer.eos_token_id)]
+                tokens = [t for t in tokens if t != tokenizer.pad_token_id]
+                generated_tokens += len(tokens)
+                answers[i] = tokenizer.decode(tokens, skip_special_tokens=True).strip()
+    finally:
+        tokenizer.padding_side = side
+    timing = {"latency_s_per_answer": round(seconds / max(len(records), 1), 4),
+              "generated_tokens_per_s": round(generated_tokens / seconds, 2) if seconds else 0.0,
+              "generated_tokens": generated_tokens}
+    return answers, timing
+
+
+# ----------------------------------------------------------------------------------------------- one model
+
+def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dict:
+    """Loss, generation metrics and multiple-choice accuracy of one loaded model on the test records."""
+    from .data import tokenize_records
+
+    free = [r for r in records if not r.get("options")]
+    choice = [r for r in records if r.get("options")]
+    examples = [e for e in tokenize_records(tokenizer, records, cfg.max_length) if any(l != -100 for l in e["labels"])]
+    result: dict = {"loss": answer_loss(model, examples, tokenizer.pad_token_id, cfg.batch_size, f"{desc} loss")}
+
+    answers, timing = generate_answers(model, tokenizer, records, cfg.batch_size, cfg.max_new_tokens,
+                                       f"{desc} generate")
+    by_id = dict(zip((id(r) for r in records), answers))
+    if free:
+        summary, items = text_metrics([by_id[id(r)] for r in free], [r["answer"] for r in free])
+        summary["rougeL_ci"] = bootstrap_ci([i["rougeL"] for i in items], seed=cfg.seed)
+        result["generation"] = summary
+    if choice:
+        gold = [r["label"] for r in choice]
+        loglik = []
+        for r in tqdm(choice, desc=f"{desc} options", leave=False, unit="item"):
+            scores = score_options(model, tokenizer, r)
+            loglik.append(max(scores, key=scores.get))
+        parsed = [parse_choice(by_id[id(r)], r["options"]) for r in choice]
+        hits_ll = [float(p == g) for p, g in zip(loglik, gold)]
+        hits_gen = [float(p == g) for p, g in zip(parsed, gold)]
+        result["choice"] = {
+            "items": len(choice),
+            "accuracy_loglik": round(sum(hits_ll) / len(choice), 4),
+            "accuracy_loglik_ci": bootstrap_ci(hits_ll, seed=cfg.seed),
+            "macro_f1_loglik": macro_f1(loglik, gold),
+            "accuracy_generate": round(sum(hits_gen) / len(choice), 4),
+            "accuracy_generate_ci": bootstrap_ci(hits_gen, seed=cfg.seed),
+            "macro_f1_generate": macro_f1(parsed, gold),
+            "unparseable_rate": round(sum(p is None for p in parsed) / len(choice), 4),
+            "hits_loglik": hits_ll,
+        }
+    result["efficiency"] = dict(timing)
+    result["samples"] = [{"question": r["question"], "reference": r["answer"], "answer": by_id[id(r)]}
+                         for r in (free or choice)[: cfg.num_samples_shown]]
+    return result
+
+
+# ----------------------------------------------------------------------------------------------- all models
+
+METHOD_FLAGS = (("qlora", "qlora_model"), ("adapter", "adapter_model"), ("ptuning", "ptuning_model"))
+
+
+def load_test_records(path: str, max_samples: int, seed: int) -> list[dict]:
+    import json
+    from pathlib import Path
+
+    from .errors import UsageError
+
+    p = Path(path)
+    if not p.is_file():
+        raise UsageError(f"--test_data: '{path}' does not exist; run utils/prepare_dataset.py first")
+    try:
+        records = json.loads(p.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--test_data: '{path}' is not valid JSON ({exc})") from exc
+    if not isinstance(records, list) or not records or any(
+            not isinstance(r, dict) or "messages" not in r or "answer" not in r for r in records):
+        raise UsageError(f"--test_data: '{path}' must be a non-empty list of processed records "
+                         "(with messages and answer); use the test.json written by prepare_dataset")
+    if 0 < max_samples < len(records):
+        records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), max_samples))]
+    return records
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:300] if text else ''}"
+
+
+def _efficiency_from_training(path: str) -> tuple[dict, dict | None]:
+    import json
+    from pathlib import Path
+
+    metrics_file = Path(path) / "metrics.json"
+    if not metrics_file.is_file():
+        return {}, None
+    m = json.loads(metrics_file.read_text(encoding="utf-8"))
+    eff = {"trainable_parameters": m.get("trainable_parameters"), "total_parameters": m.get("total_parameters"),
+           "size_bytes": m.get("adapter_size_bytes"), "train_runtime_s": m.get("train_runtime_s"),
+           "train_tokens_per_s": m.get("tokens_per_s"), "peak_memory_gb": m.get("peak_memory_gb"),
+           "memory_kind": m.get("memory_kind")}
+    training = {k: m.get(k) for k in ("loss_curve", "eval_curve", "validation_loss_base", "validation_loss_final",
+                                      "steps", "device")}
+    return eff, training
+
+
+def _merged_speed(model, tokenizer, records, cfg) -> dict:
+    """Generation speed after folding LoRA into the base (only LoRA can be merged)."""
+    if not hasattr(model, "merge_and_unload") or not hasattr(model, "peft_config"):
+        return {}
+    if getattr(model.peft_config.get("default"), "peft_type", None).value != "LORA":
+        return {}
+    merged = model.merge_and_unload()
+    _, timing = generate_answers(merged, tokenizer, records[: min(len(records), 2 * cfg.batch_size)],
+                                 cfg.batch_size, cfg.max_new_tokens, "merged generate")
+    return {"merged_latency_s_per_answer": timing["latency_s_per_answer"],
+            "merged_generated_tokens_per_s": timing["generated_tokens_per_s"]}
+
+
+def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str | None = None) -> dict:
+    """Evaluate the base model and every fine-tuned model given on the same test items; write the results."""
+    import dataclasses
+    import gc
+    import json
+    from pathlib import Path
+
+    from .errors import UsageError
+    from .modeling import default_device, load_model, load_tokenizer, resolve_model
+    from .training import library_versions, load_trained, read_run
+
+    records = load_test_records(cfg.test_data, cfg.max_samples, cfg.seed)
+    targets = [("base", cfg.base_model)] + [(m, getattr(cfg, f)) for m, f in METHOD_FLAGS if getattr(cfg, f)]
+    for _, path in targets[1:]:
+        read_run(path)  # refuse a half-written or foreign directory before any model is loaded
+    resolved_base = resolve_model(cfg.base_model)
+    n_choice = sum(bool(r.get("options")) for r in records)
+    log(f"evaluating {len(targets)} models on {len(records)} test items ({n_choice} multiple choice)")
+    results = {}
+    for name, path in targets:
+        entry = {"name": name, "path": path, "status": "ok", "error": None}
+        model = None
+        try:
+            if name == "base":
+                tokenizer = load_tokenizer(resolved_base, cfg.trust_remote_code)
+                model = load_model(resolved_base, device=default_device(), trust_remote_code=cfg.trust_remote_code)
+                efficiency, training = {}, None
+            else:
+                model, tokenizer, run = load_trained(path)
+                efficiency, training = _efficiency_from_training(path)
+                entry["settings"] = run["settings"]
+            started = time.time()
+            entry.update(evaluate_model(model, tokenizer, records, cfg, name))
+            entry["efficiency"].update(efficiency)
+            entry["efficiency"].update(_merged_speed(model, tokenizer, records, cfg))
+            if default_device() == "cuda":
+                entry["efficiency"]["eval_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
+            entry["training"] = training
+            entry["eval_seconds"] = round(time.time() - started, 1)
+            log(_summary_line(entry))
+        except UsageError as exc:
+            entry.update(status="failed", error=str(exc))
+            log(f"{name}: failed: {exc}")
+        except (RuntimeError, ValueError, OSError) as exc:  # e.g. out of memory: reported, the others go on
+            entry.update(status="failed", error=_one_line(exc))
+            log(f"{name}: failed: {_one_line(exc)}")
+        finally:
+            del model
+            gc.collect()
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+                torch.cuda.reset_peak_memory_stats()
+        results[name] = entry
+    for name, error in (failed or {}).items():  # methods whose training failed (run_all)
+        results[name] = {"name": name, "path": None, "status": "failed", "error": f"training failed: {error}"}
+    _add_significance(results)
+    out = {"schema_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "test_data": cfg.test_data,
+           "test_items": len(records), "choice_items": n_choice, "settings": dataclasses.asdict(cfg),
+           "versions": library_versions(), "fingerprint": fingerprint, "models": results}
+    path = Path(cfg.output_file)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(path)
+    return out
+
+
+def _add_significance(results: dict) -> None:
+    """Per method: is its multiple-choice accuracy's gain over the base outside the base's 95% interval,
+    and a paired bootstrap interval of the difference."""
+    base = results.get("base", {}).get("choice")
+    for name, entry in results.items():
+        mine = entry.get("choice")
+        if name == "base" or not base or not mine:
+            continue
+        diffs = [a - b for a, b in zip(mine["hits_loglik"], base["hits_loglik"])]
+        ci = bootstrap_ci(diffs)
+        mine["gain_vs_base"] = round(sum(diffs) / len(diffs), 4)
+        mine["gain_vs_base_ci"] = ci
+        mine["gain_significant"] = ci[0] > 0 or ci[1] < 0
+
+
+def _summary_line(entry: dict) -> str:
+    parts = [f"{entry['name']}: loss {entry['loss']['loss']:.3f} (ppl {entry['loss']['perplexity']:.2f})"]
+    if "generation" in entry:
+        parts.append(f"ROUGE-L {entry['generation']['rougeL']:.3f}")
+    if "choice" in entry:
+        parts.append(f"MC accuracy {entry['choice']['accuracy_loglik']:.3f} (log-lik), "
+                     f"{entry['choice']['accuracy_generate']:.3f} (generated)")
+    return "; ".join(parts)

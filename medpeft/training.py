@@ -142,6 +142,7 @@ class TrainingRun:
     metadata: dict
     staging: Path
     log: object = print
+    fingerprint: str | None = None  # set by the pipeline to recognise an up-to-date output
 
     @property
     def method(self):
@@ -230,7 +231,7 @@ class TrainingRun:
             "method": self.method_name, "settings": as_dict(self.cfg, self.opts),
             "resolved_model": self.ctx.resolved_model, "base_signature": base_signature(self.model),
             "data": {k: self.metadata.get(k) for k in ("input_data", "input_sha256", "schema", "counts", "rows")},
-            "medpeft_version": library_versions()["medpeft"]})
+            "medpeft_version": library_versions()["medpeft"], "fingerprint": self.fingerprint})
         metrics["adapter_size_bytes"] = (staging / self.method.WEIGHTS_FILE).stat().st_size
         write_json(staging / METRICS_FILE, metrics)
         publish_dir(staging, out, CONFIG_FILE)
@@ -281,9 +282,10 @@ def build(method_name: str, cfg, opts, log=print) -> TrainingRun:
                        staging, log)
 
 
-def train(method_name: str, cfg, opts, log=print) -> dict:
+def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None) -> dict:
     """Train one method end to end; returns the metrics also written to metrics.json."""
     run = build(method_name, cfg, opts, log)
+    run.fingerprint = fingerprint
     try:
         metrics = run.fit()
         run.save(metrics)

@@ -1,0 +1,198 @@
+"""evaluation_results.json -> report.md (+ report_files/*.png) and a self-contained report.html.
+
+The report reads nothing but the results file:  python -m medpeft.report evaluation_results.json
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import sys
+from pathlib import Path
+
+COLUMNS = [  # (header, getter)
+    ("model", lambda e: e["name"]),
+    ("status", lambda e: e["status"] if e["status"] == "ok" else f"failed: {e['error']}"),
+    ("loss", lambda e: _f(e, "loss", "loss", 3)),
+    ("perplexity", lambda e: _f(e, "loss", "perplexity", 2)),
+    ("ROUGE-L [95% CI]", lambda e: _ci(e, "generation", "rougeL", "rougeL_ci")),
+    ("BLEU", lambda e: _f(e, "generation", "bleu", 2)),
+    ("token F1", lambda e: _f(e, "generation", "token_f1", 3)),
+    ("MC acc. log-lik [95% CI]", lambda e: _ci(e, "choice", "accuracy_loglik", "accuracy_loglik_ci")),
+    ("gain vs base", lambda e: _gain(e)),
+    ("MC acc. generated", lambda e: _f(e, "choice", "accuracy_generate", 3)),
+    ("unparseable", lambda e: _f(e, "choice", "unparseable_rate", 3)),
+    ("trainable params", lambda e: _int(e, "trainable_parameters")),
+    ("size MB", lambda e: _mb(e)),
+    ("train s", lambda e: _f(e, "efficiency", "train_runtime_s", 0)),
+    ("train tok/s", lambda e: _f(e, "efficiency", "train_tokens_per_s", 0)),
+    ("peak mem GB", lambda e: _f(e, "efficiency", "peak_memory_gb", 2)),
+    ("s/answer", lambda e: _f(e, "efficiency", "latency_s_per_answer", 3)),
+    ("gen tok/s", lambda e: _f(e, "efficiency", "generated_tokens_per_s", 1)),
+    ("merged s/answer", lambda e: _f(e, "efficiency", "merged_latency_s_per_answer", 3)),
+]
+
+
+def _f(entry, group, key, digits):
+    value = (entry.get(group) or {}).get(key)
+    return "–" if value is None else f"{value:.{digits}f}"
+
+
+def _ci(entry, group, key, ci_key):
+    part = entry.get(group) or {}
+    if part.get(key) is None:
+        return "–"
+    lo, hi = part.get(ci_key, [None, None])
+    return f"{part[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _gain(entry):
+    choice = entry.get("choice") or {}
+    if "gain_vs_base" not in choice:
+        return "–"
+    lo, hi = choice["gain_vs_base_ci"]
+    verdict = "outside the interval: significant" if choice["gain_significant"] else "within noise"
+    return f"{choice['gain_vs_base']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+
+
+def _int(entry, key):
+    value = (entry.get("efficiency") or {}).get(key)
+    return "–" if value is None else f"{value:,}"
+
+
+def _mb(entry):
+    value = (entry.get("efficiency") or {}).get("size_bytes")
+    return "–" if value is None else f"{value / 2**20:.1f}"
+
+
+def summary_rows(results: dict) -> list[list[str]]:
+    return [[get(e) for _, get in COLUMNS] for e in results["models"].values()]
+
+
+def _figures(results: dict) -> dict[str, bytes]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = [e for e in results["models"].values() if e["status"] == "ok"]
+    names = [e["name"] for e in models]
+    figures = {}
+
+    def png(fig):
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        return buf.getvalue()
+
+    panels = [(g, k, c, t) for g, k, c, t in (("choice", "accuracy_loglik", "accuracy_loglik_ci", "MC accuracy"),
+                                              ("generation", "rougeL", "rougeL_ci", "ROUGE-L"))
+              if any(e.get(g) for e in models)]
+    if panels:
+        fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.2), squeeze=False)
+        for ax, (group, key, ci_key, title) in zip(axes[0], panels):
+            vals = [(e.get(group) or {}).get(key, 0) for e in models]
+            cis = [(e.get(group) or {}).get(ci_key, [v, v]) for e, v in zip(models, vals)]
+            err = [[v - lo for v, (lo, _) in zip(vals, cis)], [hi - v for v, (_, hi) in zip(vals, cis)]]
+            ax.bar(names, vals, yerr=err, capsize=4, color="#4c72b0")
+            ax.set_title(f"{title} (95% bootstrap CI)")
+            ax.set_ylim(0, 1)
+        figures["metrics"] = png(fig)
+    curves = [e for e in models if (e.get("training") or {}).get("loss_curve")]
+    if curves:
+        fig, ax = plt.subplots(figsize=(6, 3.2))
+        for e in curves:
+            points = e["training"]["loss_curve"]
+            ax.plot([p["step"] for p in points], [p["loss"] for p in points], label=e["name"])
+        ax.set_xlabel("step")
+        ax.set_ylabel("training loss")
+        ax.set_title("Training loss")
+        ax.legend()
+        figures["loss_curves"] = png(fig)
+    trained = [e for e in models if (e.get("efficiency") or {}).get("train_runtime_s") is not None]
+    if trained:
+        fig, axes = plt.subplots(1, 2, figsize=(9, 3.2))
+        axes[0].bar([e["name"] for e in trained], [e["efficiency"]["train_runtime_s"] for e in trained], color="#55a868")
+        axes[0].set_title("training time (s)")
+        axes[1].bar([e["name"] for e in trained], [e["efficiency"]["peak_memory_gb"] or 0 for e in trained],
+                    color="#c44e52")
+        axes[1].set_title("peak memory (GB)")
+        figures["time_memory"] = png(fig)
+    return figures
+
+
+def _samples(results: dict) -> list[dict]:
+    models = [e for e in results["models"].values() if e["status"] == "ok" and e.get("samples")]
+    if not models:
+        return []
+    rows = []
+    for i, sample in enumerate(models[0]["samples"]):
+        row = {"question": sample["question"], "reference": sample["reference"]}
+        for e in models:
+            if i < len(e["samples"]):
+                row[e["name"]] = e["samples"][i]["answer"]
+        rows.append(row)
+    return rows
+
+
+def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    figures = _figures(results)
+    headers = [h for h, _ in COLUMNS]
+    rows = summary_rows(results)
+    intro = (f"{results['test_items']} test items from `{results['test_data']}` "
+             f"({results['choice_items']} multiple choice), created {results['created']}.")
+
+    files = out_dir / "report_files"
+    files.mkdir(exist_ok=True)
+    md = ["# medpeft evaluation report", "", intro, "", "| " + " | ".join(headers) + " |",
+          "|" + "---|" * len(headers)]
+    md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    for name, data in figures.items():
+        (files / f"{name}.png").write_bytes(data)
+        md += ["", f"![{name}](report_files/{name}.png)"]
+    samples = _samples(results)
+    if samples:
+        md += ["", "## Answers side by side", ""]
+        for row in samples:
+            md += [f"**Q:** {row['question']}", "", f"- *reference*: {row['reference']}"]
+            md += [f"- *{k}*: {v}" for k, v in row.items() if k not in ("question", "reference")] + [""]
+    md_path = out_dir / "report.md"
+    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+
+    esc = html.escape
+    table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" + "".join(
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+    images = "".join(f'<figure><img alt="{esc(n)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
+                     f"</figure>" for n, d in figures.items())
+    sample_html = "".join(
+        f"<div class='qa'><p><b>Q:</b> {esc(r['question'])}</p><ul>" + "".join(
+            f"<li><i>{esc(k)}</i>: {esc(v)}</li>" for k, v in r.items() if k != "question") + "</ul></div>"
+        for r in samples)
+    page = f"""<!doctype html><html lang="en"><head><meta charset="utf-8"><title>medpeft evaluation report</title>
+<style>body{{font-family:sans-serif;margin:2em;max-width:1400px}}table{{border-collapse:collapse;font-size:13px}}
+td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
+img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
+<h1>medpeft evaluation report</h1><p>{esc(intro)}</p>{table}{images}
+<h2>Answers side by side</h2>{sample_html}
+<p><small>Synthetic or research data; not medical advice.</small></p></body></html>"""
+    html_path = out_dir / "report.html"
+    html_path.write_text(page, encoding="utf-8")
+    return md_path, html_path
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) != 1 or not Path(argv[0]).is_file():
+        print("usage: python -m medpeft.report evaluation_results.json", file=sys.stderr)
+        return 2
+    path = Path(argv[0])
+    md, page = write_report(json.loads(path.read_text(encoding="utf-8")), path.parent)
+    print(f"wrote {md} and {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

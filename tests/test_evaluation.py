@@ -1,0 +1,173 @@
+"""Evaluation: metric functions against hand-computed values, option scoring, the report, the pipeline."""
+
+import json
+
+import pytest
+import torch
+
+from medpeft.evaluation import (bootstrap_ci, generate_answers, macro_f1, parse_choice, score_options,
+                                text_metrics, token_f1)
+from medpeft.modeling import load_tokenizer
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+def test_token_f1_by_hand():
+    # pred {cat, sat} vs ref {cat, sat, down} (articles and punctuation dropped): P 1, R 2/3 -> F1 0.8
+    assert token_f1("The cat sat.", "a cat sat down") == pytest.approx(0.8)
+    assert token_f1("dog", "cat") == 0.0
+    assert token_f1("", "") == 1.0
+
+
+def test_rouge_and_bleu_by_hand():
+    summary, items = text_metrics(["the cat sat on the mat", "hello"], ["the cat sat on the mat", "goodbye"])
+    assert items[0]["rougeL"] == pytest.approx(1.0) and items[1]["rougeL"] == 0.0
+    assert summary["rougeL"] == pytest.approx(0.5) and summary["items"] == 2
+    # ROUGE-1 of "the cat is on the mat" vs "the cat sat on the mat": 5 of 6 unigrams match -> 0.8333
+    partial, _ = text_metrics(["the cat is on the mat"], ["the cat sat on the mat"])
+    assert partial["rouge1"] == pytest.approx(5 / 6, abs=1e-4)
+    perfect, _ = text_metrics(["the cat sat on the mat"], ["the cat sat on the mat"])
+    assert perfect["bleu"] == pytest.approx(100.0)
+
+
+def test_macro_f1_by_hand():
+    # A: tp 1, fp 0, fn 1 -> 2/3; B: tp 2, fp 1, fn 0 -> 4/5; mean 0.7333
+    assert macro_f1(["A", "B", "B", "B"], ["A", "A", "B", "B"]) == pytest.approx(0.7333, abs=1e-4)
+    assert macro_f1([None, None], ["A", "B"]) == 0.0
+
+
+def test_bootstrap_interval():
+    assert bootstrap_ci([0.5] * 20) == [0.5, 0.5]
+    values = [1.0] * 30 + [0.0] * 70
+    lo, hi = bootstrap_ci(values)
+    assert lo < 0.3 < hi and hi - lo < 0.25
+    assert bootstrap_ci(values, seed=1) != [0.0, 0.0]
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("B", "B"), ("B. Vitamin C", "B"), ("(C) Iron", "C"), ("Answer: D", "D"), ("The answer is A", "A"),
+    ("I think it is vitamin c.", "B"), ("Because of diet.", None), ("Vitamin A or vitamin C", None), ("", None),
+    ("A patient should take zinc", "D"),
+])
+def test_parse_choice(text, expected):
+    options = {"A": "Vitamin A", "B": "Vitamin C", "C": "Iron", "D": "Zinc"}
+    assert parse_choice(text, options) == expected
+
+
+class PreferringModel(torch.nn.Module):
+    """A stand-in language model whose every next-token distribution favours a fixed set of tokens."""
+
+    def __init__(self, vocab, favoured):
+        super().__init__()
+        self.bias = torch.nn.Parameter(torch.zeros(vocab))
+        with torch.no_grad():
+            self.bias[list(favoured)] = 5.0
+
+    def forward(self, input_ids, attention_mask=None):
+        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})()
+
+
+def test_option_scoring_picks_the_option_the_model_prefers(tiny_model):
+    tok = load_tokenizer(tiny_model)
+    record = {"messages": [{"role": "user", "content": "Which vitamin prevents scurvy?"},
+                           {"role": "assistant", "content": "B. Vitamin C"}],
+              "options": {"A": "Vitamin A", "B": "Vitamin C", "C": "Iron"}, "label": "B"}
+    favoured = set(tok("B. Vitamin C<|im_end|>", add_special_tokens=False)["input_ids"])
+    scores = score_options(PreferringModel(len(tok), favoured), tok, record)
+    assert max(scores, key=scores.get) == "B"
+    favoured = set(tok("C. Iron", add_special_tokens=False)["input_ids"])
+    scores = score_options(PreferringModel(len(tok), favoured), tok, record)
+    assert max(scores, key=scores.get) == "C"
+
+
+def test_generation_runs_in_batches_and_times_itself(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    tok = load_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    records = [{"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": "x"}]}
+               for q in ("What causes scurvy?", "How does warfarin work?", "Hi")]
+    answers, timing = generate_answers(model, tok, records, batch_size=2, max_new_tokens=6)
+    assert len(answers) == 3 and all(isinstance(a, str) for a in answers)
+    assert timing["generated_tokens"] > 0 and timing["latency_s_per_answer"] > 0
+    assert tok.padding_side == "right"  # restored after left-padded generation
+
+
+def test_pipeline_runs_every_stage_then_skips_them(tiny_model, tmp_path, monkeypatch, capsys):
+    """run_all end to end on the tiny model; a second run skips every finished stage."""
+    from medpeft.cli import run
+
+    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "12",
+            "--max_new_tokens", "4", "--batch_size", "4"]
+    assert run(argv, prog="run_all.py", command="run") == 0
+    first = capsys.readouterr().out
+    results = json.loads((tmp_path / "evaluation_results.json").read_text())
+    assert set(results["models"]) == {"base", "qlora", "adapter", "ptuning"}
+    assert all(e["status"] == "ok" for e in results["models"].values())
+    assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
+    assert "model" in first and "qlora" in first and "gain vs base" in first  # the terminal summary table
+    weights = tmp_path / "models" / "qlora" / "adapter_model.safetensors"
+    stamp = weights.stat().st_mtime_ns
+
+    assert run(argv, prog="run_all.py", command="run") == 0
+    second = capsys.readouterr().out
+    assert second.count("up to date, skipped") == 5  # prepare, three methods, evaluation
+    assert weights.stat().st_mtime_ns == stamp
+
+    assert run(argv[:-2] + ["--batch_size", "2"], prog="run_all.py", command="run") == 0
+    third = capsys.readouterr().out
+    assert third.count("up to date, skipped") == 1 and "[1/3] prepare" in third  # only the data is reused
+
+
+def test_a_failing_method_is_reported_not_fatal(tiny_model, tmp_path, monkeypatch, capsys):
+    from medpeft.cli import run
+    from medpeft.methods import adapter
+
+    def broken(ctx, opts):
+        raise RuntimeError("simulated adapter crash")
+
+    monkeypatch.setattr(adapter, "prepare", broken)
+    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "1", "--max_samples", "6",
+            "--max_new_tokens", "2", "--methods", "qlora,adapter"]
+    assert run(argv, prog="run_all.py", command="run") == 0
+    results = json.loads((tmp_path / "evaluation_results.json").read_text())
+    assert results["models"]["qlora"]["status"] == "ok"
+    assert results["models"]["adapter"] == {"name": "adapter", "path": None, "status": "failed",
+                                            "error": "training failed: RuntimeError: simulated adapter crash"}
+    assert "failed: training failed: RuntimeError: simulated adapter crash" in (tmp_path / "report.md").read_text()
+
+
+def test_report_is_made_from_the_results_file_alone(tmp_path):
+    from medpeft.report import main
+
+    results = {
+        "test_data": "t.json", "test_items": 3, "choice_items": 2, "created": "now",
+        "models": {
+            "base": {"name": "base", "status": "ok", "loss": {"loss": 2.0, "perplexity": 7.39},
+                     "choice": {"accuracy_loglik": 0.5, "accuracy_loglik_ci": [0.0, 1.0], "accuracy_generate": 0.5,
+                                "unparseable_rate": 0.0},
+                     "generation": {"rougeL": 0.2, "rougeL_ci": [0.1, 0.3], "bleu": 3.0, "token_f1": 0.25},
+                     "efficiency": {"latency_s_per_answer": 0.5, "generated_tokens_per_s": 20.0},
+                     "samples": [{"question": "Q1?", "reference": "R1", "answer": "base says <b>"}]},
+            "qlora": {"name": "qlora", "status": "ok", "loss": {"loss": 1.0, "perplexity": 2.72},
+                      "choice": {"accuracy_loglik": 1.0, "accuracy_loglik_ci": [1.0, 1.0], "accuracy_generate": 1.0,
+                                 "unparseable_rate": 0.0, "gain_vs_base": 0.5, "gain_vs_base_ci": [0.0, 1.0],
+                                 "gain_significant": False},
+                      "generation": {"rougeL": 0.6, "rougeL_ci": [0.5, 0.7], "bleu": 30.0, "token_f1": 0.7},
+                      "efficiency": {"trainable_parameters": 1000, "size_bytes": 2**20, "train_runtime_s": 12.0,
+                                     "train_tokens_per_s": 100.0, "peak_memory_gb": 1.5},
+                      "training": {"loss_curve": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]},
+                      "samples": [{"question": "Q1?", "reference": "R1", "answer": "tuned says R1"}]},
+            "ptuning": {"name": "ptuning", "status": "failed", "error": "training failed: boom"},
+        }}
+    path = tmp_path / "evaluation_results.json"
+    path.write_text(json.dumps(results))
+    assert main([str(path)]) == 0
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "| qlora | ok | 1.000 | 2.72 | 0.600 [0.500, 0.700]" in md
+    assert "+0.500 [+0.000, +1.000] within noise" in md and "failed: training failed: boom" in md
+    assert page.count("data:image/png;base64,") == 3  # metric bars, loss curves, time and memory
+    assert "base says &lt;b&gt;" in page and "<b>" not in page.split("base says")[1][:10]
+    assert {p.name for p in (tmp_path / "report_files").iterdir()} == {"metrics.png", "loss_curves.png",
+                                                                       "time_memory.png"}
