@@ -113,6 +113,7 @@ def test_output_directory(trained):
     assert {"medpeft_config.json", "metrics.json", "tokenizer.json"} <= files
     weights = methods.get(trained["method"]).WEIGHTS_FILE
     assert weights.endswith(".safetensors") and weights in files
+    assert "model_head.safetensors" not in files  # no copy of the frozen LM head
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["adapter_size_bytes"] == (out / weights).stat().st_size and metrics["method"] == trained["method"]
 

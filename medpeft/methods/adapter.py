@@ -79,14 +79,16 @@ def disabled(model):
 
 
 def save(model, out_dir: Path, ctx=None) -> None:
-    model.save_adapter(str(out_dir), ADAPTER, use_safetensors=True)
+    # with_head=False: AdapterHub would otherwise also save the frozen LM head (113 MB for SmolLM2-135M)
+    model.save_adapter(str(out_dir), ADAPTER, with_head=False, use_safetensors=True)
 
 
 def load(base_model, out_dir: Path, opts: Options | None = None):
     import adapters
 
     adapters.init(base_model)
-    name = base_model.load_adapter(str(out_dir), load_as=ADAPTER, set_active=True, use_safetensors=True)
+    name = base_model.load_adapter(str(out_dir), load_as=ADAPTER, with_head=False, set_active=True,
+                                   use_safetensors=True)
     base_model.set_active_adapters(name)
     _place(base_model)
     return base_model
