@@ -36,30 +36,44 @@ from .modeling import autocast
 
 
 @torch.no_grad()
-def answer_loss(model, examples: list[dict], pad_token_id: int, batch_size: int = 8, desc: str = "loss") -> dict:
-    """Token-weighted mean cross-entropy over answer tokens, and its perplexity."""
+def answer_loss(model, examples: list[dict], pad_token_id: int, batch_size: int = 8, desc: str = "loss",
+                interval: bool = False, seed: int = 0) -> dict:
+    """Token-weighted mean cross-entropy over answer tokens and its perplexity; with `interval`, a 95% bootstrap
+    interval of the perplexity over examples."""
     collate = PadCollator(pad_token_id)
     was_training = model.training
     model.eval()
     device = next(p for p in model.parameters()).device
-    total, count = 0.0, 0
+    nll, counts = [], []
     # Longest first: similar lengths share a batch, so little padding is computed.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
     for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
         batch = collate([examples[i] for i in order[start:start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
-        n = int((batch["labels"][:, 1:] != -100).sum())
-        if n == 0:
-            continue
+        labels = batch.pop("labels")
         with autocast(model):
-            out = model(**batch)
-        total += float(out.loss) * n
-        count += n
+            logits = model(**batch).logits
+        logits = logits[:, logits.shape[1] - labels.shape[1]:]  # P-Tuning prepends its virtual tokens
+        targets = labels[:, 1:]
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
+                                                   ignore_index=-100, reduction="none")
+        nll.extend(losses.sum(dim=1).tolist())
+        counts.extend((targets != -100).sum(dim=1).tolist())
     if was_training:
         model.train()
-    loss = total / max(count, 1)
-    return {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 3), "tokens": count,
-            "examples": len(examples)}
+    total = sum(counts)
+    loss = sum(nll) / max(total, 1)
+    out = {"loss": round(loss, 5), "perplexity": round(math.exp(min(loss, 50)), 3), "tokens": total,
+           "examples": len(examples)}
+    if interval and nll:
+        rng = random.Random(seed)
+        n, ppl = len(nll), []
+        for _ in range(1000):
+            idx = [rng.randrange(n) for _ in range(n)]
+            ppl.append(math.exp(min(sum(nll[i] for i in idx) / max(sum(counts[i] for i in idx), 1), 50)))
+        ppl.sort()
+        out["perplexity_ci"] = [round(ppl[25], 3), round(ppl[974], 3)]
+    return out
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -141,30 +155,38 @@ def _prompt(tokenizer, record: dict) -> str:
 
 
 @torch.no_grad()
-def score_options(model, tokenizer, record: dict) -> dict[str, float]:
-    """Sum of log-probabilities of each option's completion ("B. text") after the prompt."""
-    prompt = _prompt(tokenizer, record)
-    prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+def score_options(model, tokenizer, records: list[dict], batch_size: int = 16) -> list[dict[str, float]]:
+    """Per record, the mean log-probability per token of each option's text, given the prompt and its letter
+    ("B. " then "Vitamin C"): the letter itself is not scored, so a learned preference for a letter does not
+    decide, and the mean keeps long options from losing for their length.
+
+    All (record, option) rows are scored in padded batches of `batch_size` rows."""
     device = next(model.parameters()).device
-    rows, spans = [], []
-    for letter, text in record["options"].items():
-        ids = tokenizer(prompt + f"{letter}. {text}", add_special_tokens=False)["input_ids"]
-        start = next((i for i, (a, b) in enumerate(zip(prompt_ids, ids)) if a != b), len(prompt_ids))
-        rows.append(ids)
-        spans.append((letter, start, len(ids)))
-    width = max(len(r) for r in rows)
-    pad = tokenizer.pad_token_id
-    input_ids = torch.tensor([r + [pad] * (width - len(r)) for r in rows], device=device)
-    mask = torch.tensor([[1] * len(r) + [0] * (width - len(r)) for r in rows], device=device)
-    with autocast(model):
-        logits = model(input_ids=input_ids, attention_mask=mask).logits.float()
-    logprobs = torch.log_softmax(logits[:, :-1], dim=-1)
-    # P-Tuning prepends virtual tokens to the logits: keep the positions of the real tokens.
-    logprobs = logprobs[:, logprobs.shape[1] - (width - 1):]
-    scores = {}
-    for row, (letter, start, end) in enumerate(spans):
-        targets = input_ids[row, start:end]
-        scores[letter] = float(logprobs[row, start - 1:end - 1].gather(-1, targets[:, None]).sum())
+    rows, spans = [], []  # spans: (record index, letter, first completion token, end)
+    for k, record in enumerate(records):
+        prompt = _prompt(tokenizer, record)
+        for letter, text in record["options"].items():
+            head = tokenizer(prompt + f"{letter}.", add_special_tokens=False)["input_ids"]
+            ids = tokenizer(prompt + f"{letter}. {text}", add_special_tokens=False)["input_ids"]
+            start = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
+            rows.append(ids)
+            spans.append((k, letter, start, len(ids)))
+    scores: list[dict[str, float]] = [{} for _ in records]
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i]))
+    for first in range(0, len(order), batch_size):
+        chunk = order[first:first + batch_size]
+        width = max(len(rows[i]) for i in chunk)
+        input_ids = torch.tensor([rows[i] + [tokenizer.pad_token_id] * (width - len(rows[i])) for i in chunk],
+                                 device=device)
+        mask = torch.tensor([[1] * len(rows[i]) + [0] * (width - len(rows[i])) for i in chunk], device=device)
+        with autocast(model):
+            logits = model(input_ids=input_ids, attention_mask=mask).logits
+        logits = logits[:, logits.shape[1] - width:]  # P-Tuning prepends its virtual tokens
+        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
+        for row, i in enumerate(chunk):
+            k, letter, start, end = spans[i]
+            targets = input_ids[row, start:end]
+            scores[k][letter] = float(logprobs[row, start - 1:end - 1].gather(-1, targets[:, None]).mean())
     return scores
 
 
@@ -214,7 +236,8 @@ def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dic
     free = [r for r in records if not r.get("options")]
     choice = [r for r in records if r.get("options")]
     examples = [e for e in tokenize_records(tokenizer, records, cfg.max_length) if any(l != -100 for l in e["labels"])]
-    result: dict = {"loss": answer_loss(model, examples, tokenizer.pad_token_id, cfg.batch_size, f"{desc} loss")}
+    result: dict = {"loss": answer_loss(model, examples, tokenizer.pad_token_id, cfg.batch_size, f"{desc} loss",
+                                        interval=True, seed=cfg.seed)}
 
     answers, timing = generate_answers(model, tokenizer, records, cfg.batch_size, cfg.max_new_tokens,
                                        f"{desc} generate")
@@ -225,10 +248,7 @@ def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dic
         result["generation"] = summary
     if choice:
         gold = [r["label"] for r in choice]
-        loglik = []
-        for r in tqdm(choice, desc=f"{desc} options", leave=False, unit="item"):
-            scores = score_options(model, tokenizer, r)
-            loglik.append(max(scores, key=scores.get))
+        loglik = [max(sc, key=sc.get) for sc in score_options(model, tokenizer, choice, cfg.batch_size)]
         parsed = [parse_choice(by_id[id(r)], r["options"]) for r in choice]
         hits_ll = [float(p == g) for p, g in zip(loglik, gold)]
         hits_gen = [float(p == g) for p, g in zip(parsed, gold)]

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from . import methods
-from .config import EvalConfig, PrepareConfig, TrainConfig, opt
+from .config import DEFAULT_SYSTEM_PROMPT, EvalConfig, PrepareConfig, TrainConfig, opt
 from .errors import UsageError
 from .sample_data import SAMPLE_PATH
 
@@ -38,6 +38,8 @@ class RunConfig:
     train_size: float = opt(0.8, "share of rows for training")
     group_by: Optional[str] = opt(None, "column whose groups stay inside one split")
     max_samples: int = opt(200, "test items evaluated (-1 = all)")
+    eval_batch_size: int = opt(16, "sequences per batch in the evaluation (generation is faster in larger batches)")
+    system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_new_tokens: int = opt(128, "longest generated answer in the evaluation")
     seed: int = opt(42, "random seed for splits, training and evaluation")
 
@@ -72,7 +74,8 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
     root = Path(cfg.output_root)
     data_dir, models_dir = root / "processed_data", root / "models"
     prep = PrepareConfig(input_data=cfg.input_data, output_dir=str(data_dir), model_name=cfg.model_name,
-                         max_length=cfg.max_length, train_size=cfg.train_size, group_by=cfg.group_by, seed=cfg.seed)
+                         max_length=cfg.max_length, train_size=cfg.train_size, group_by=cfg.group_by, seed=cfg.seed,
+                         system_prompt=cfg.system_prompt)
     problems = prep.validate()
     if problems:
         raise UsageError("; ".join(problems))
@@ -116,7 +119,7 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
 
     eval_cfg = EvalConfig(base_model=cfg.model_name, test_data=str(data_dir / "test.json"),
                           output_file=str(root / "evaluation_results.json"), max_samples=cfg.max_samples,
-                          batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                           seed=cfg.seed, **{f"{m}_model": p for m, p in trained.items()})
     eval_fp = fingerprint(dataclasses.asdict(eval_cfg), prep_fp,
                           {m: _stored(Path(p) / CONFIG_FILE) for m, p in trained.items()}, failed)

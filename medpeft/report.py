@@ -16,7 +16,7 @@ COLUMNS = [  # (header, getter)
     ("model", lambda e: e["name"]),
     ("status", lambda e: e["status"] if e["status"] == "ok" else f"failed: {e['error']}"),
     ("loss", lambda e: _f(e, "loss", "loss", 3)),
-    ("perplexity", lambda e: _f(e, "loss", "perplexity", 2)),
+    ("perplexity [95% CI]", lambda e: _ppl(e)),
     ("ROUGE-L [95% CI]", lambda e: _ci(e, "generation", "rougeL", "rougeL_ci")),
     ("BLEU", lambda e: _f(e, "generation", "bleu", 2)),
     ("token F1", lambda e: _f(e, "generation", "token_f1", 3)),
@@ -46,6 +46,14 @@ def _ci(entry, group, key, ci_key):
         return "–"
     lo, hi = part.get(ci_key, [None, None])
     return f"{part[key]:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def _ppl(entry):
+    part = entry.get("loss") or {}
+    if part.get("perplexity") is None:
+        return "–"
+    ci = part.get("perplexity_ci")
+    return f"{part['perplexity']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
 def _gain(entry):

@@ -72,11 +72,13 @@ def test_option_scoring_picks_the_option_the_model_prefers(tiny_model):
     record = {"messages": [{"role": "user", "content": "Which vitamin prevents scurvy?"},
                            {"role": "assistant", "content": "B. Vitamin C"}],
               "options": {"A": "Vitamin A", "B": "Vitamin C", "C": "Iron"}, "label": "B"}
-    favoured = set(tok("B. Vitamin C<|im_end|>", add_special_tokens=False)["input_ids"])
-    scores = score_options(PreferringModel(len(tok), favoured), tok, record)
-    assert max(scores, key=scores.get) == "B"
-    favoured = set(tok("C. Iron", add_special_tokens=False)["input_ids"])
-    scores = score_options(PreferringModel(len(tok), favoured), tok, record)
+    other = dict(record, options={"A": "Iron", "B": "Zinc", "C": "Vitamin C", "D": "Vitamin A"}, label="C")
+    favoured = set(tok(" Vitamin C", add_special_tokens=False)["input_ids"])
+    first, second = score_options(PreferringModel(len(tok), favoured), tok, [record, other], batch_size=3)
+    assert max(first, key=first.get) == "B" and max(second, key=second.get) == "C"  # same text, other letter
+    favoured = set(tok(" Iron", add_special_tokens=False)["input_ids"]) | set(tok("A", add_special_tokens=False)[
+        "input_ids"])  # a preferred letter alone does not win: only the option text is scored
+    (scores,) = score_options(PreferringModel(len(tok), favoured), tok, [record])
     assert max(scores, key=scores.get) == "C"
 
 
@@ -143,7 +145,8 @@ def test_report_is_made_from_the_results_file_alone(tmp_path):
     results = {
         "test_data": "t.json", "test_items": 3, "choice_items": 2, "created": "now",
         "models": {
-            "base": {"name": "base", "status": "ok", "loss": {"loss": 2.0, "perplexity": 7.39},
+            "base": {"name": "base", "status": "ok", "loss": {"loss": 2.0, "perplexity": 7.39,
+                                                              "perplexity_ci": [6.5, 8.2]},
                      "choice": {"accuracy_loglik": 0.5, "accuracy_loglik_ci": [0.0, 1.0], "accuracy_generate": 0.5,
                                 "unparseable_rate": 0.0},
                      "generation": {"rougeL": 0.2, "rougeL_ci": [0.1, 0.3], "bleu": 3.0, "token_f1": 0.25},
@@ -165,9 +168,27 @@ def test_report_is_made_from_the_results_file_alone(tmp_path):
     assert main([str(path)]) == 0
     md = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()
-    assert "| qlora | ok | 1.000 | 2.72 | 0.600 [0.500, 0.700]" in md
+    assert "| qlora | ok | 1.000 | 2.72 | 0.600 [0.500, 0.700]" in md and "| base | ok | 2.000 | 7.39 [6.50, 8.20] |" in md
     assert "+0.500 [+0.000, +1.000] within noise" in md and "failed: training failed: boom" in md
     assert page.count("data:image/png;base64,") == 3  # metric bars, loss curves, time and memory
     assert "base says &lt;b&gt;" in page and "<b>" not in page.split("base says")[1][:10]
     assert {p.name for p in (tmp_path / "report_files").iterdir()} == {"metrics.png", "loss_curves.png",
                                                                        "time_memory.png"}
+
+
+def test_per_example_loss_matches_the_model_loss_and_has_an_interval(tiny_model, processed):
+    from transformers import AutoModelForCausalLM
+
+    from medpeft.data import load_split, tokenize_records
+    from medpeft.evaluation import answer_loss
+
+    tok = load_tokenizer(tiny_model)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    examples = tokenize_records(tok, load_split(processed, "validation")[:12], 512)
+    result = answer_loss(model, examples, tok.pad_token_id, batch_size=4, interval=True)
+    batch = {k: torch.tensor([examples[0][k]]) for k in ("input_ids", "labels")}
+    single = answer_loss(model, examples[:1], tok.pad_token_id)
+    with torch.no_grad():
+        assert single["loss"] == pytest.approx(float(model(**batch).loss), abs=1e-4)
+    lo, hi = result["perplexity_ci"]
+    assert lo < result["perplexity"] < hi
