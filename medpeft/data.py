@@ -650,20 +650,26 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     return metadata
 
 
-def load_split(data_path: str, split: str) -> list[dict]:
-    path = Path(data_path) / f"{split}.json"
-    if not (Path(data_path) / "metadata.json").is_file():
-        raise UsageError(f"--data_path: '{data_path}' is not a processed dataset (no metadata.json); "
-                         "run utils/prepare_dataset.py first")
+def read_processed(path: Path, flag: str) -> list[dict]:
+    """A split file written by prepare(): a JSON list of records with messages and answer."""
     if not path.is_file():
-        raise UsageError(f"--data_path: '{path}' is missing; re-run utils/prepare_dataset.py")
+        raise UsageError(f"{flag}: '{path}' does not exist; run utils/prepare_dataset.py first")
     try:
         records = json.loads(path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"{path}: not valid JSON ({exc}); re-run utils/prepare_dataset.py") from exc
-    if not isinstance(records, list) or any(not isinstance(r, dict) or "messages" not in r for r in records):
-        raise UsageError(f"{path}: expected a list of records with 'messages'; re-run utils/prepare_dataset.py")
+        raise UsageError(f"{flag}: '{path}' is not valid JSON ({exc}); re-run utils/prepare_dataset.py") from exc
+    if not isinstance(records, list) or any(
+            not isinstance(r, dict) or "messages" not in r or "answer" not in r for r in records):
+        raise UsageError(f"{flag}: '{path}' is not a list of processed records (with messages and answer); "
+                         "use a file written by utils/prepare_dataset.py")
     return records
+
+
+def load_split(data_path: str, split: str) -> list[dict]:
+    if not (Path(data_path) / "metadata.json").is_file():
+        raise UsageError(f"--data_path: '{data_path}' is not a processed dataset (no metadata.json); "
+                         "run utils/prepare_dataset.py first")
+    return read_processed(Path(data_path) / f"{split}.json", "--data_path")
 
 
 class PadCollator:

@@ -275,22 +275,14 @@ METHOD_FLAGS = (("qlora", "qlora_model"), ("adapter", "adapter_model"), ("ptunin
 
 
 def load_test_records(path: str, max_samples: int, seed: int) -> list[dict]:
-    import json
     from pathlib import Path
 
+    from .data import read_processed
     from .errors import UsageError
 
-    p = Path(path)
-    if not p.is_file():
-        raise UsageError(f"--test_data: '{path}' does not exist; run utils/prepare_dataset.py first")
-    try:
-        records = json.loads(p.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(f"--test_data: '{path}' is not valid JSON ({exc})") from exc
-    if not isinstance(records, list) or not records or any(
-            not isinstance(r, dict) or "messages" not in r or "answer" not in r for r in records):
-        raise UsageError(f"--test_data: '{path}' must be a non-empty list of processed records "
-                         "(with messages and answer); use the test.json written by prepare_dataset")
+    records = read_processed(Path(path), "--test_data")
+    if not records:
+        raise UsageError(f"--test_data: '{path}' holds no records; prepare the data with a smaller --train_size")
     if 0 < max_samples < len(records):
         records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), max_samples))]
     return records

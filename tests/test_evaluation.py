@@ -192,3 +192,22 @@ def test_per_example_loss_matches_the_model_loss_and_has_an_interval(tiny_model,
         assert single["loss"] == pytest.approx(float(model(**batch).loss), abs=1e-4)
     lo, hi = result["perplexity_ci"]
     assert lo < result["perplexity"] < hi
+
+
+@pytest.mark.parametrize("content,needle", [
+    (None, "does not exist; run utils/prepare_dataset.py first"),
+    ("{bad", "is not valid JSON"),
+    ("[1, 2]", "is not a list of processed records"),
+    ("[]", "holds no records"),
+])
+def test_evaluate_rejects_bad_test_data_in_one_line(tmp_path, tiny_model, capsys, content, needle):
+    from medpeft.cli import run
+
+    path = tmp_path / "test.json"
+    if content is not None:
+        path.write_text(content)
+    code = run(["--base_model", tiny_model, "--test_data", str(path), "--output_file", str(tmp_path / "r.json")],
+               prog="utils/evaluate_models.py", command="evaluate")
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and needle in err
+    assert not (tmp_path / "r.json").exists()
