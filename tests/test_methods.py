@@ -98,6 +98,10 @@ def test_save_then_load_reproduces_logits_and_generates(trained):
         got = model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits
         generated = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
                                    do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with torch.no_grad(), autocast(model):
+        uncached = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=5,
+                                  do_sample=False, pad_token_id=tokenizer.pad_token_id, use_cache=False)
+    assert torch.equal(generated, uncached)  # the default decoding path gives the same greedy tokens
     assert info["method"] == trained["method"]
     if trained["run"].opts.__dict__.get("encoder_reparameterization_type") == "LSTM":
         # peft saves the virtual tokens the LSTM produced; its training and inference kernels round differently

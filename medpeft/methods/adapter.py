@@ -49,6 +49,12 @@ def _adapter_config(opts: Options, hidden_size: int):
                init_weights="mam_adapter")
 
 
+def _no_kv_cache(model) -> None:
+    """AdapterHub 1.3 adapters corrupt transformers 4.57's cached decoding: greedy answers turn to garbage after
+    the first token ("S----" instead of "Scurvy is caused by..."). Generate without the cache: slower, right."""
+    model.generation_config.use_cache = False
+
+
 def _place(model) -> None:
     """AdapterHub creates adapter weights on the CPU in fp32: move them beside the base, keep them fp32."""
     device = model.get_input_embeddings().weight.device
@@ -65,6 +71,7 @@ def prepare(ctx, opts: Options):
     model.add_adapter(ADAPTER, config=_adapter_config(opts, model.config.hidden_size))
     model.train_adapter(ADAPTER)
     _place(model)
+    _no_kv_cache(model)
     return model
 
 
@@ -91,6 +98,7 @@ def load(base_model, out_dir: Path, opts: Options | None = None):
                                    use_safetensors=True)
     base_model.set_active_adapters(name)
     _place(base_model)
+    _no_kv_cache(base_model)
     return base_model
 
 
