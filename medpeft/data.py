@@ -86,7 +86,7 @@ def _json_rows(path: Path, max_rows: int):
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
-        if "\n{" in text.strip() or text.lstrip().startswith("{") and exc.msg == "Extra data":
+        if text.lstrip().startswith("{") and exc.msg == "Extra data":
             return _jsonl_rows(path, max_rows)  # JSON Lines saved with a .json suffix
         raise UsageError(f"{path}: invalid JSON at line {exc.lineno}, column {exc.colno}: {exc.msg}") from exc
     if isinstance(data, dict):

@@ -131,9 +131,12 @@ def _require_hub_model(repo_id: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json")
+    reachable = _hub_endpoint_reachable()
     if isinstance(cached, str):
+        if not reachable:  # use the cached copy without waiting on network time-outs
+            os.environ["HF_HUB_OFFLINE"] = "1"
         return
-    if not _hub_endpoint_reachable():
+    if not reachable:
         raise UsageError(f"--model_name: '{repo_id}' is not in the local Hugging Face cache and the hub cannot "
                          f"be reached; use a local model directory, a .gguf file, or the embedded default "
                          f"'{EMBEDDED_ALIAS}'")

@@ -58,6 +58,8 @@ def test_bad_input_in_a_subprocess_has_no_traceback(tmp_path, tiny_model):
                                    "--question_column"]),
     ("bad.jsonl", '{"question": "a?", "answer": "b"}\n{"question": "c?", "answer": \n',
      ["bad.jsonl: line 2 is not valid JSON"]),
+    ("array.json", '[\n{"question": "a?", "answer": "b"},\n{"question": "c?" "answer": "d"}\n]',
+     ["array.json: invalid JSON at line 3"]),
     ("latin1.csv", "question,answer\n\"Qu\xe9?\",\"Oui\"\n".encode("latin-1"), ["not UTF-8", "re-save the file as UTF-8"]),
     ("blank.csv", "question,answer\n\"\",\"\"\n\" \",\"x\"\n\"y\",\"\"\n", ["no usable rows", "empty question",
                                                                            "empty answer"]),

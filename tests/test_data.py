@@ -214,3 +214,10 @@ def test_debug_shows_tokens_with_their_mask(tmp_path, tiny_model, qa_file, capsy
     run_prepare(tmp_path, tiny_model, qa_file, debug=1)
     out = capsys.readouterr().out
     assert "trained on (green)" in out and "\033[32m" in out and "\033[2m" in out
+
+
+def test_json_lines_saved_as_json_are_read(tmp_path, tiny_model):
+    path = tmp_path / "data.json"
+    path.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(10)))
+    meta, _ = run_prepare(tmp_path, tiny_model, path)
+    assert meta["rows"]["kept"] == 10
