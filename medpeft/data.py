@@ -505,6 +505,11 @@ def tokenize_records(tokenizer, records: list[dict], max_length: int) -> list[di
     return out
 
 
+def answer_examples(tokenizer, records: list[dict], max_length: int) -> list[dict]:
+    """tokenize_records, keeping only examples with at least one answer token left after truncation."""
+    return [e for e in tokenize_records(tokenizer, records, max_length) if any(lab != -100 for lab in e["labels"])]
+
+
 def length_stats(values: list[int]) -> dict:
     if not values:
         return {}

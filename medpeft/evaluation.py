@@ -231,11 +231,11 @@ def generate_answers(model, tokenizer, records: list[dict], batch_size: int, max
 
 def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dict:
     """Loss, generation metrics and multiple-choice accuracy of one loaded model on the test records."""
-    from .data import tokenize_records
+    from .data import answer_examples
 
     free = [r for r in records if not r.get("options")]
     choice = [r for r in records if r.get("options")]
-    examples = [e for e in tokenize_records(tokenizer, records, cfg.max_length) if any(l != -100 for l in e["labels"])]
+    examples = answer_examples(tokenizer, records, cfg.max_length)
     result: dict = {"loss": answer_loss(model, examples, tokenizer.pad_token_id, cfg.batch_size, f"{desc} loss",
                                         interval=True, seed=cfg.seed)}
 

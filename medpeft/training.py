@@ -24,7 +24,7 @@ import torch
 
 from . import methods
 from .config import as_dict, write_json
-from .data import PadCollator, publish_dir, load_split, tokenize_records
+from .data import PadCollator, answer_examples, load_split, publish_dir
 from .errors import UsageError
 from .evaluation import answer_loss
 from .modeling import default_device, load_model, load_tokenizer, pin_4bit_layout, resolve_model
@@ -108,10 +108,6 @@ def library_versions() -> dict:
     if torch.cuda.is_available():
         out["cuda_device"] = torch.cuda.get_device_name(0)
     return out
-
-
-def _tokenized(tokenizer, records, max_length):
-    return [e for e in tokenize_records(tokenizer, records, max_length) if any(l != -100 for l in e["labels"])]
 
 
 def _eval_subset(examples, n, seed):
@@ -256,8 +252,8 @@ def build(method_name: str, cfg, opts, log=print) -> TrainingRun:
     device = default_device()
     resolved = resolve_model(cfg.model_name)
     tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
-    train_examples = _tokenized(tokenizer, load_split(cfg.data_path, "train"), cfg.max_length)
-    val_examples = _eval_subset(_tokenized(tokenizer, load_split(cfg.data_path, "validation"), cfg.max_length),
+    train_examples = answer_examples(tokenizer, load_split(cfg.data_path, "train"), cfg.max_length)
+    val_examples = _eval_subset(answer_examples(tokenizer, load_split(cfg.data_path, "validation"), cfg.max_length),
                                 cfg.max_eval_samples, cfg.seed)
     if not train_examples:
         raise UsageError(f"--data_path: '{cfg.data_path}' has no training examples with answer tokens")
