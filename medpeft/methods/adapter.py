@@ -22,6 +22,9 @@ NAME = "adapter"
 HELP = "Adapter Tuning: bottleneck adapters in every decoder layer of a frozen base"
 DEFAULTS = {"learning_rate": 1e-4, "output_dir": "models/adapter"}
 GRADIENT_CHECKPOINTING = True
+PACKING = True  # examples may share a packed row
+LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
+LIGER_FUSED_CE = True  # no logits tensor for the whole micro-batch
 WEIGHTS_FILE = "adapter.safetensors"  # what save() writes the trained weights to
 ADAPTER = "medical"
 TYPES = ("pfeiffer", "houlsby", "parallel")
@@ -49,10 +52,31 @@ def _adapter_config(opts: Options, hidden_size: int):
                init_weights="mam_adapter")
 
 
-def _no_kv_cache(model) -> None:
-    """AdapterHub 1.3 adapters corrupt transformers 4.57's cached decoding: greedy answers turn to garbage after
-    the first token ("S----" instead of "Scurvy is caused by..."). Generate without the cache: slower, right."""
-    model.generation_config.use_cache = False
+def _cache_under_old_name(forward):
+    import functools
+
+    @functools.wraps(forward)
+    def wrapped(self, *args, **kwargs):
+        if kwargs.get("past_key_value") is None and "past_key_values" in kwargs:
+            kwargs["past_key_value"] = kwargs.pop("past_key_values")
+        return forward(self, *args, **kwargs)
+
+    return wrapped
+
+
+def _fix_kv_cache(model) -> None:
+    """AdapterHub 1.3's attention layers take the cache as `past_key_value`; transformers 4.57 passes it as
+    `past_key_values`, so it would land in **kwargs, never be updated, and every decoding step after the first
+    would attend only to itself (greedy answers turn to garbage). Hand the cache over under the old name."""
+    import inspect
+    import types
+
+    for module in model.modules():
+        params = inspect.signature(type(module).forward).parameters
+        if "past_key_value" not in params or "past_key_values" in params or hasattr(module, "_medpeft_cache_fix"):
+            continue
+        module.forward = types.MethodType(_cache_under_old_name(type(module).forward), module)
+        module._medpeft_cache_fix = True
 
 
 def _place(model) -> None:
@@ -71,7 +95,7 @@ def prepare(ctx, opts: Options):
     model.add_adapter(ADAPTER, config=_adapter_config(opts, model.config.hidden_size))
     model.train_adapter(ADAPTER)
     _place(model)
-    _no_kv_cache(model)
+    _fix_kv_cache(model)
     return model
 
 
@@ -98,7 +122,7 @@ def load(base_model, out_dir: Path, opts: Options | None = None):
                                    use_safetensors=True)
     base_model.set_active_adapters(name)
     _place(base_model)
-    _no_kv_cache(base_model)
+    _fix_kv_cache(base_model)
     return base_model
 
 
