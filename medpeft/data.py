@@ -37,14 +37,15 @@ SUPPORTED_SUFFIXES = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "
 SPLIT_ALIASES = {"train": "train", "training": "train", "validation": "validation", "valid": "validation",
                  "val": "validation", "dev": "validation", "test": "test", "testing": "test"}
 LETTERS = "ABCDEFGHIJ"
-MC_INSTRUCTION = "Answer with the letter of the correct option."
+MC_INSTRUCTION = "Answer with the correct option."
+YES_NO_MAYBE = ("yes", "no", "maybe")  # PubMedQA-style labels: the options when a row has none
 
 # Column names recognised by auto-detection, most specific first.
 QUESTION_COLUMNS = ("question", "query", "q", "prompt", "instruction", "input_text", "patient")
 ANSWER_COLUMNS = ("answer", "response", "output", "completion", "a", "long_answer", "doctor", "target")
 OPTIONS_COLUMNS = ("options", "choices")
-LABEL_COLUMNS = ("answer_idx", "answer_letter", "label", "cop", "correct", "answer")
-CONTEXT_COLUMNS = ("context", "input", "passage")
+LABEL_COLUMNS = ("answer_idx", "answer_letter", "label", "cop", "correct", "final_decision", "answer")
+CONTEXT_COLUMNS = ("context", "contexts", "input", "passage", "abstract")
 MESSAGES_COLUMNS = ("messages", "conversations", "conversation")
 
 
@@ -212,6 +213,11 @@ class Schema:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
+def _all_yes_no_maybe(rows: list[dict], column: str) -> bool:
+    values = {_text(r.get(column)).lower() for r in rows[:1000]} - {""}
+    return bool(values) and values <= set(YES_NO_MAYBE)
+
+
 def _find(columns: dict[str, str], candidates, exclude=()) -> str | None:
     for c in candidates:
         if c in columns and columns[c] not in exclude:
@@ -258,6 +264,13 @@ def detect_schema(rows: list[dict], cfg) -> Schema:
         return Schema("multiple_choice", question=question, answer=answer, options=options, label=label,
                       context=cfg.context_column or _find(cols, CONTEXT_COLUMNS, exclude=[question, label, answer]))
 
+    question = cfg.question_column or _find(cols, QUESTION_COLUMNS)
+    decision = _find(cols, ("final_decision", "label", "decision", "answer"), exclude=[question])
+    if forced in ("auto", "multiple_choice") and question and decision and _all_yes_no_maybe(rows, decision):
+        return Schema("multiple_choice", question=question, options=YES_NO_MAYBE, label=decision,
+                      answer=None, context=cfg.context_column or _find(cols, CONTEXT_COLUMNS,
+                                                                       exclude=[question, decision]))
+
     if forced in ("auto", "instruction") and not cfg.question_column and "instruction" in cols and (
             "output" in cols or "response" in cols):
         return Schema("instruction", question=cols["instruction"], answer=cols.get("output") or cols["response"],
@@ -282,12 +295,18 @@ def _text(value) -> str:
         return ""
     if isinstance(value, float) and value != value:  # NaN from Parquet
         return ""
+    if isinstance(value, dict) and isinstance(value.get("contexts"), list):  # PubMedQA's context field
+        value = value["contexts"]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return "\n".join(v.replace("\x00", "").strip() for v in value).strip()
     if isinstance(value, (list, dict)):
         return json.dumps(value, ensure_ascii=False)
     return str(value).replace("\x00", "").strip()
 
 
 def _parse_options(row, schema) -> dict[str, str] | None:
+    if schema.options == YES_NO_MAYBE:
+        return {LETTERS[i]: o for i, o in enumerate(YES_NO_MAYBE)}
     if isinstance(schema.options, list):
         opts = [_text(row.get(c)) for c in schema.options]
     else:
@@ -332,6 +351,8 @@ def _parse_label(value, options: dict[str, str]) -> str | None:
 
 
 def format_multiple_choice(question: str, options: dict[str, str]) -> str:
+    if list(options.values()) == list(YES_NO_MAYBE):
+        return f"{question}\n\nAnswer yes, no or maybe."
     lines = [question, ""] + [f"{k}. {v}" for k, v in options.items()] + ["", MC_INSTRUCTION]
     return "\n".join(lines)
 
@@ -386,7 +407,9 @@ def to_record(row: dict, schema: Schema, system_prompt: str) -> tuple[dict | Non
         if label is None:
             return None, "answer does not name one of the options"
         prompt = format_multiple_choice(question, options)
-        answer = f"{label}. {options[label]}"
+        # The option's text first: a model that knows the answer says it, and option scoring reads that text
+        # (evaluation.score_options); the letter after it serves letter-based readers.
+        answer = options[label] if options == dict(zip(LETTERS, YES_NO_MAYBE)) else f"{options[label]} ({label})"
         rec.update(options=options, label=label)
     else:  # free-text answer; multiple-choice files may mix in rows without options
         answer = _text(row.get(schema.answer)) if schema.answer else ""

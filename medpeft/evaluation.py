@@ -137,15 +137,22 @@ def macro_f1(predicted: list[str | None], gold: list[str]) -> float:
 
 
 def parse_choice(text: str, options: dict[str, str]) -> str | None:
-    """The option a generated answer names: a leading letter ("B", "B.", "(B)", "Answer: B") or an option's text."""
+    """The option a generated answer names: a leading letter ("B", "B.", "(B)", "Answer: B"), a trailing one
+    ("Vitamin C (B)"), or exactly one option's text as whole words (the longest wins when one contains another)."""
     head = text.strip()
     m = re.match(r"^(?:the\s+)?(?:correct\s+)?(?:answer|option)?\s*(?:is)?\s*[:\-]?\s*\(?([A-J])(?:[.):]|\s*$)", head,
                  flags=re.IGNORECASE)
     if m and m.group(1).upper() in options:
         return m.group(1).upper()
     lowered = head.lower()
-    found = [k for k, v in options.items() if v.lower() in lowered]
-    return found[0] if len(found) == 1 else None
+    found = [k for k, v in options.items() if re.search(rf"(?<!\w){re.escape(v.lower())}(?!\w)", lowered)]
+    found = [k for k in found if not any(options[k].lower() in options[j].lower() and k != j for j in found)]
+    if len(found) == 1:
+        return found[0]
+    m = re.search(r"\(([A-J])\)\W*$", head)
+    if m and m.group(1) in options and not found:
+        return m.group(1)
+    return None
 
 
 # ----------------------------------------------------------------------------------------------- model calls
@@ -156,18 +163,18 @@ def _prompt(tokenizer, record: dict) -> str:
 
 @torch.no_grad()
 def score_options(model, tokenizer, records: list[dict], batch_size: int = 16) -> list[dict[str, float]]:
-    """Per record, the mean log-probability per token of each option's text, given the prompt and its letter
-    ("B. " then "Vitamin C"): the letter itself is not scored, so a learned preference for a letter does not
-    decide, and the mean keeps long options from losing for their length.
+    """Per record, the mean log-probability per token of each option's text as the start of the answer, given
+    the prompt (which lists the options). Letters are not scored: a 135M model cannot tie knowledge to letters,
+    and a learned preference for one letter would decide; the mean keeps long options from losing for length.
 
     All (record, option) rows are scored in padded batches of `batch_size` rows."""
     device = next(model.parameters()).device
-    rows, spans = [], []  # spans: (record index, letter, first completion token, end)
+    rows, spans = [], []  # spans: (record index, letter, first option token, end)
     for k, record in enumerate(records):
         prompt = _prompt(tokenizer, record)
+        head = tokenizer(prompt, add_special_tokens=False)["input_ids"]
         for letter, text in record["options"].items():
-            head = tokenizer(prompt + f"{letter}.", add_special_tokens=False)["input_ids"]
-            ids = tokenizer(prompt + f"{letter}. {text}", add_special_tokens=False)["input_ids"]
+            ids = tokenizer(prompt + text, add_special_tokens=False)["input_ids"]
             start = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
             rows.append(ids)
             spans.append((k, letter, start, len(ids)))

@@ -102,8 +102,22 @@ def test_multiple_choice_forms(tmp_path, tiny_model, row):
     rec = all_records(splits)[0]
     assert meta["schema"] == "multiple_choice"
     assert rec["options"] == {"A": "Vitamin A", "B": "Vitamin C"} and rec["label"] == "B"
-    assert rec["answer"] == "B. Vitamin C"
+    assert rec["answer"] == "Vitamin C (B)"
     assert "A. Vitamin A\nB. Vitamin C" in rec["messages"][1]["content"]
+
+
+def test_pubmedqa_style_yes_no_maybe(tmp_path, tiny_model):
+    rows = [{"question": f"Does drug {i} lower blood pressure?", "final_decision": d,
+             "context": {"contexts": [f"Trial {i} enrolled adults.", "Results were mixed."]},
+             "long_answer": "The trial suggests so."} for i, d in enumerate(["yes", "no", "maybe", "YES"] * 3)]
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "p.jsonl", rows))
+    assert meta["schema"] == "multiple_choice"
+    recs = all_records(splits)
+    assert {r["answer"] for r in recs} == {"yes", "no", "maybe"}
+    rec = next(r for r in recs if r["answer"] == "no")
+    assert rec["options"] == {"A": "yes", "B": "no", "C": "maybe"} and rec["label"] == "B"
+    user = rec["messages"][-2]["content"]
+    assert user.startswith("Trial") and "Results were mixed." in user and user.endswith("Answer yes, no or maybe.")
 
 
 def test_system_prompt_flag(tmp_path, tiny_model, qa_file):

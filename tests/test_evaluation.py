@@ -47,11 +47,17 @@ def test_bootstrap_interval():
 @pytest.mark.parametrize("text,expected", [
     ("B", "B"), ("B. Vitamin C", "B"), ("(C) Iron", "C"), ("Answer: D", "D"), ("The answer is A", "A"),
     ("I think it is vitamin c.", "B"), ("Because of diet.", None), ("Vitamin A or vitamin C", None), ("", None),
-    ("A patient should take zinc", "D"),
+    ("A patient should take zinc", "D"), ("Vitamin C (B)", "B"), ("Vitamin Cx", None),
 ])
 def test_parse_choice(text, expected):
     options = {"A": "Vitamin A", "B": "Vitamin C", "C": "Iron", "D": "Zinc"}
     assert parse_choice(text, options) == expected
+
+
+@pytest.mark.parametrize("text,expected", [("No, it does not.", "B"), ("yes", "A"), ("Maybe.", "C"),
+                                           ("It is not known", None), ("Yes and no", None)])
+def test_parse_yes_no_maybe(text, expected):
+    assert parse_choice(text, {"A": "yes", "B": "no", "C": "maybe"}) == expected
 
 
 class PreferringModel(torch.nn.Module):
@@ -70,13 +76,13 @@ class PreferringModel(torch.nn.Module):
 def test_option_scoring_picks_the_option_the_model_prefers(tiny_model):
     tok = load_tokenizer(tiny_model)
     record = {"messages": [{"role": "user", "content": "Which vitamin prevents scurvy?"},
-                           {"role": "assistant", "content": "B. Vitamin C"}],
+                           {"role": "assistant", "content": "Vitamin C (B)"}],
               "options": {"A": "Vitamin A", "B": "Vitamin C", "C": "Iron"}, "label": "B"}
     other = dict(record, options={"A": "Iron", "B": "Zinc", "C": "Vitamin C", "D": "Vitamin A"}, label="C")
-    favoured = set(tok(" Vitamin C", add_special_tokens=False)["input_ids"])
+    favoured = set(tok("Vitamin C", add_special_tokens=False)["input_ids"])
     first, second = score_options(PreferringModel(len(tok), favoured), tok, [record, other], batch_size=3)
     assert max(first, key=first.get) == "B" and max(second, key=second.get) == "C"  # same text, other letter
-    favoured = set(tok(" Iron", add_special_tokens=False)["input_ids"]) | set(tok("A", add_special_tokens=False)[
+    favoured = set(tok("Iron", add_special_tokens=False)["input_ids"]) | set(tok("A", add_special_tokens=False)[
         "input_ids"])  # a preferred letter alone does not win: only the option text is scored
     (scores,) = score_options(PreferringModel(len(tok), favoured), tok, [record])
     assert max(scores, key=scores.get) == "C"
