@@ -90,9 +90,20 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory "
                                              "(turned off for methods that do not support it)")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    packing: str = opt("auto", "pack examples end to end into token-budget micro-batches with no attention across "
+                               "them, no padding (auto = on CUDA, for methods that allow it)", ["auto", "on", "off"])
+    tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
+    liger: str = opt("auto", "Liger Triton kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE "
+                             "(auto = on CUDA when liger-kernel is installed)", ["auto", "on", "off"])
+    checkpoint_share: float = opt(1.0, "share of decoder layers whose activations are recomputed when "
+                                       "gradient checkpointing is on (1 = all; less is faster, uses more memory)")
 
     def validate(self) -> list[str]:
         problems = []
+        if not 0 <= self.checkpoint_share <= 1:
+            problems.append(f"--checkpoint_share must be in [0, 1], got {self.checkpoint_share}")
+        if self.tokens_per_batch < 0:
+            problems.append(f"--tokens_per_batch must be 0 or positive, got {self.tokens_per_batch}")
         for name in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
             if not getattr(self, name) > 0:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")

@@ -203,6 +203,22 @@ def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = N
     return pin_4bit_layout(model)
 
 
+def prepare_kbit(model, gradient_checkpointing: bool = False):
+    """peft's preparation of a 4-bit base for training. peft upcasts the norms and embeddings to fp32; on the
+    GPU that turns the whole residual stream fp32 (twice the activation memory and traffic, and no flash
+    attention), so there they go back to the bf16 they were loaded in, as in plain bf16 LoRA."""
+    from peft import prepare_model_for_kbit_training
+
+    loaded = {name: p.dtype for name, p in model.named_parameters()}
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
+                                            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if next(model.parameters()).device.type == "cuda":
+        for name, p in model.named_parameters():
+            if loaded.get(name) == torch.bfloat16 and p.dtype == torch.float32:
+                p.data = p.data.to(torch.bfloat16)
+    return model
+
+
 def pin_4bit_layout(model):
     """Keep 4-bit weights in their stored layout on the CPU. Call again after a method replaces layers.
 

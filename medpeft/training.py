@@ -27,7 +27,9 @@ from .config import as_dict, write_json
 from .data import PadCollator, answer_examples, load_split, publish_dir
 from .errors import UsageError
 from .evaluation import answer_loss
-from .modeling import default_device, load_model, load_tokenizer, pin_4bit_layout, resolve_model
+from .modeling import default_device, load_model, load_tokenizer, pin_4bit_layout, prepare_kbit, resolve_model
+from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
+from .speedups import apply_liger, liger_available, limit_checkpointing
 
 CONFIG_FILE = "medpeft_config.json"
 METRICS_FILE = "metrics.json"
@@ -52,11 +54,7 @@ class RunContext:
         if not prepare_for_training:
             return model
         if load_in_4bit:
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=self.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False})
+            model = prepare_kbit(model, self.gradient_checkpointing)
         else:
             for p in model.parameters():
                 p.requires_grad_(False)
@@ -123,6 +121,35 @@ def _check_output_dir(out: Path) -> None:
                          "choose another --output_dir or empty it")
 
 
+class _StepTimer:
+    """Step end times and tokens seen, for the steady-state speed (the first steps pay for warm-up and kernel
+    compilation). Tokens are counted at collation, one batch ahead of the step: the offset cancels out."""
+
+    def __init__(self, collator, device):
+        from transformers import TrainerCallback
+
+        self.collator, self.device, self.marks = collator, device, []
+        timer = self
+
+        class Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if timer.device == "cuda":
+                    torch.cuda.synchronize()
+                timer.marks.append((time.perf_counter(), timer.collator.real_tokens, timer.collator.padded_tokens))
+
+        self.callback = Callback()
+
+    def steady(self) -> dict:
+        if len(self.marks) < 4:
+            return {}
+        first = min(3, len(self.marks) // 4)
+        (t0, r0, p0), (t1, r1, p1) = self.marks[first], self.marks[-1]
+        return {"steady_tokens_per_s": round((r1 - r0) / (t1 - t0), 1),
+                "steady_padded_tokens_per_s": round((p1 - p0) / (t1 - t0), 1),
+                "steady_step_s": round((t1 - t0) / (len(self.marks) - 1 - first), 4),
+                "steady_steps": len(self.marks) - 1 - first}
+
+
 @dataclass
 class TrainingRun:
     """Everything `train` sets up, kept apart so that tests can look between the stages."""
@@ -147,6 +174,40 @@ class TrainingRun:
     def validation_loss(self, desc="validation") -> dict:
         return answer_loss(self.model, self.val_examples, self.tokenizer.pad_token_id, self.cfg.batch_size, desc)
 
+    _attention: str | None = None  # the attention implementation packing replaced, restored after fit
+
+    def _batches(self):
+        """(training data, collator, per-device batch size, speed settings): packed token-budget rows where
+        packing applies (CUDA by default), else padded batches; Liger kernels and partial checkpointing on top."""
+        cfg, device = self.cfg, self.ctx.device
+        packing = cfg.packing == "on" or (cfg.packing == "auto" and device == "cuda")
+        if packing and not self.method.PACKING:
+            if cfg.packing == "on":
+                raise UsageError(f"--packing on: {self.method_name} cannot pack examples into one row; "
+                                 "use --packing off or auto")
+            packing = False
+        speed = {"packing": packing}
+        if packing:
+            budget = cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
+            groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget, cfg.seed)
+            data = [[self.train_examples[i] for i in g] for g in groups]
+            collator, batch_size = PackedCollator(), 1
+            self._attention = enable_varlen_attention(self.model)
+            speed.update(tokens_per_batch=budget, micro_batches=len(groups),
+                         examples_per_micro_batch=round(len(self.train_examples) / len(groups), 2))
+        else:
+            data, collator, batch_size = self.train_examples, PadCollator(self.tokenizer.pad_token_id), cfg.batch_size
+        liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda" and self.method.LIGER
+                                       and liger_available())
+        if liger and not apply_liger(self.model, self.log, self.method.LIGER_FUSED_CE):
+            if cfg.liger == "on":
+                raise UsageError("--liger on: Liger kernels need a CUDA GPU and the liger-kernel package")
+            liger = False
+        speed["liger"] = liger and ("all" if self.method.LIGER_FUSED_CE else "without fused cross-entropy")
+        if self.ctx.gradient_checkpointing:
+            speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
+        return data, collator, batch_size, speed
+
     def fit(self) -> dict:
         from accelerate.state import AcceleratorState
         from transformers import Trainer, TrainingArguments
@@ -158,14 +219,15 @@ class TrainingRun:
             base_val = self.validation_loss("base validation")
         self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
 
-        collator = PadCollator(self.tokenizer.pad_token_id)
+        train_data, collator, batch_size, speed = self._batches()
+        self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
         # accelerate keeps one process-wide state: without a reset, a second run in the same process
         # (run_all, tests) inherits the first run's mixed precision.
         AcceleratorState._reset_state(reset_partial_state=True)
         use_bf16 = cfg.load_in_4bit or (device == "cuda" and torch.cuda.is_bf16_supported())
         args = TrainingArguments(
             output_dir=str(self.ctx.work_dir / "trainer"), num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
-            per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
+            per_device_train_batch_size=batch_size, per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
             logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
@@ -173,7 +235,7 @@ class TrainingRun:
             bf16=use_bf16, use_cpu=device == "cpu",
             optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
             remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
-            group_by_length=cfg.group_by_length, disable_tqdm=False,
+            group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
         )
         # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
@@ -182,15 +244,20 @@ class TrainingRun:
         if quantized_non_peft:
             self.model.is_quantized = False
         try:
-            trainer = Trainer(model=self.model, args=args, train_dataset=self.train_examples,
-                              eval_dataset=self.val_examples if cfg.eval_steps else None, data_collator=collator)
+            trainer = Trainer(model=self.model, args=args, train_dataset=train_data,
+                              eval_dataset=self.val_examples if cfg.eval_steps else None, data_collator=collator,
+                              callbacks=[(timer := _StepTimer(collator, device)).callback])
         finally:
             if quantized_non_peft:
                 self.model.is_quantized = True
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         t0 = time.time()
-        result = trainer.train()
+        try:
+            result = trainer.train()
+        finally:
+            if self._attention is not None:
+                restore_attention(self.model, self._attention)
         runtime = time.time() - t0
         # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
         self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
@@ -212,7 +279,7 @@ class TrainingRun:
             "train_runtime_s": round(runtime, 2),
             "tokens_per_s": round(collator.real_tokens / runtime, 1),
             "padded_tokens_per_s": round(collator.padded_tokens / runtime, 1),
-            "train_tokens": collator.real_tokens,
+            "train_tokens": collator.real_tokens, "speed_settings": speed, **timer.steady(),
             **peak_memory_gb(device), "device": device,
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
@@ -239,8 +306,23 @@ class TrainingRun:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def build(method_name: str, cfg, opts, log=print) -> TrainingRun:
-    """Data, base model and method, ready to fit. Call `.cleanup()` when done (train() does)."""
+def load_examples(cfg, tokenizer) -> tuple[list, list, dict]:
+    """(training examples, validation examples, metadata) of a processed data directory."""
+    train_examples = answer_examples(tokenizer, load_split(cfg.data_path, "train"), cfg.max_length)
+    val_examples = _eval_subset(answer_examples(tokenizer, load_split(cfg.data_path, "validation"), cfg.max_length),
+                                cfg.max_eval_samples, cfg.seed)
+    if not train_examples:
+        raise UsageError(f"--data_path: '{cfg.data_path}' has no training examples with answer tokens")
+    if not val_examples:
+        raise UsageError(f"--data_path: '{cfg.data_path}' has an empty validation split; "
+                         "re-run prepare_dataset with a smaller --train_size")
+    return train_examples, val_examples, json.loads((Path(cfg.data_path) / "metadata.json").read_text(encoding="utf-8"))
+
+
+def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
+    """Data, base model and method, ready to fit. Call `.cleanup()` when done (train() does).
+    `data` = (tokenizer, training examples, validation examples, metadata) replaces reading cfg.data_path
+    (the GPU benchmark trains on synthetic token ids)."""
     from transformers import set_seed
     from transformers.utils import logging as hf_logging
 
@@ -251,16 +333,11 @@ def build(method_name: str, cfg, opts, log=print) -> TrainingRun:
     set_seed(cfg.seed)
     device = default_device()
     resolved = resolve_model(cfg.model_name)
-    tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
-    train_examples = answer_examples(tokenizer, load_split(cfg.data_path, "train"), cfg.max_length)
-    val_examples = _eval_subset(answer_examples(tokenizer, load_split(cfg.data_path, "validation"), cfg.max_length),
-                                cfg.max_eval_samples, cfg.seed)
-    if not train_examples:
-        raise UsageError(f"--data_path: '{cfg.data_path}' has no training examples with answer tokens")
-    if not val_examples:
-        raise UsageError(f"--data_path: '{cfg.data_path}' has an empty validation split; "
-                         "re-run prepare_dataset with a smaller --train_size")
-    metadata = json.loads((Path(cfg.data_path) / "metadata.json").read_text(encoding="utf-8"))
+    if data is None:
+        tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
+        train_examples, val_examples, metadata = load_examples(cfg, tokenizer)
+    else:
+        tokenizer, train_examples, val_examples, metadata = data
     log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
         f"base {cfg.model_name} on {device}{' (4-bit NF4)' if cfg.load_in_4bit else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -319,10 +396,8 @@ def load_trained(out_dir: str, device: str | None = None):
     four_bit = settings.get("load_in_4bit", False)
     base = load_model(resolved, load_in_4bit=four_bit, device=device or default_device(),
                       trust_remote_code=settings.get("trust_remote_code", False))
-    if four_bit:  # the same fp32 norms and embeddings as during training, so logits match exactly
-        from peft import prepare_model_for_kbit_training
-
-        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    if four_bit:  # the same norm and embedding dtypes as during training, so logits match exactly
+        base = prepare_kbit(base)
     expected, found = run.get("base_signature") or {}, base_signature(base)
     differences = [f"{k} {expected[k]} vs {found[k]}" for k in expected if expected[k] != found.get(k)]
     if differences:

@@ -3,6 +3,9 @@
     NAME, HELP                      what it is
     DEFAULTS                        training settings that differ from TrainConfig's defaults
     GRADIENT_CHECKPOINTING          whether the method works with activation recomputation
+    PACKING                         whether examples may be packed into one row (medpeft/packing.py)
+    LIGER, LIGER_FUSED_CE           whether Liger kernels, and its fused linear cross-entropy, are used by default
+                                    on the GPU (medpeft/speedups.py)
     WEIGHTS_FILE                    the file save() writes the trained weights to
     Options                         dataclass of the method's own flags, with validate()
     prepare(ctx, opts) -> model     base model (from ctx.load_base) with the method attached, only it trainable

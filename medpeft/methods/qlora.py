@@ -21,6 +21,9 @@ NAME = "qlora"
 HELP = "QLoRA: low-rank adapters on all linear layers of a 4-bit quantized base"
 DEFAULTS = {"learning_rate": 2e-4, "load_in_4bit": True, "output_dir": "models/qlora"}
 GRADIENT_CHECKPOINTING = True
+PACKING = True  # examples may share a packed row
+LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
+LIGER_FUSED_CE = True  # no logits tensor for the whole micro-batch
 WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
 SVD_INITS = ("pissa", "olora")
 

@@ -1,0 +1,318 @@
+"""GPU training throughput at Mistral-7B scale: the plain recipe and medpeft's training path, side by side.
+
+    python benchmarks/gpu_throughput.py                        # plain recipe + ours, every method, + check
+    python benchmarks/gpu_throughput.py --skip_plain --methods qlora --steps 30
+    LAYERS=4 python benchmarks/gpu_throughput.py --steps 6     # a quick smoke run on fewer layers
+
+Mistral-7B shapes with random weights (speed and memory do not depend on the values), built once into
+/tmp/mistral7b-random. Example lengths are drawn from MedQuAD's (benchmarks/medquad_lengths.json: token
+count and prompt length of each training example, SmolLM2 tokenizer, chat template, cut at 512), token ids
+are random. Ours runs `medpeft.training` itself (Trainer, packing, Liger, checkpointing policy), the plain
+recipe is benchmarks/naive_baseline.py (padded 8 x 512 batches, hand loop).
+
+Useful tokens/s counts example tokens only; the plain recipe's useful rate is its padded rate times the
+padding efficiency of these lengths at 512. MFU counts the model FLOPs actually executed per token:
+2N forward + 2N input-gradient backward + 2N recomputation for checkpointed layers (frozen base: no weight
+gradients), N = parameter count, against the measured bf16 matrix rate of the card (--peak_tflops).
+Writes benchmarks/results/gpu_throughput.json (or $OUT/gpu_throughput.json when OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+# Ours, per method: (medpeft method, method options, training overrides)
+OURS = {
+    "qlora": ("qlora", dict(lora_r=16, lora_alpha=32, lora_dropout=0.0), dict(load_in_4bit=True)),
+    "lora": ("qlora", dict(lora_r=16, lora_alpha=32, lora_dropout=0.0), dict(load_in_4bit=False)),
+    "adapter": ("adapter", dict(adapter_size=64), dict()),
+    "ptuning": ("ptuning", dict(num_virtual_tokens=20), dict()),
+}
+PLAIN = {"qlora": "qlora_gc", "lora": "lora_gc", "adapter": "adapter_gc", "ptuning": "ptuning_nogc"}
+
+
+def lengths_table():
+    data = json.loads((HERE / "medquad_lengths.json").read_text())
+    return data["examples"]  # [[tokens, prompt tokens], ...]
+
+
+def synthetic_examples(n, seed, vocab=32000):
+    import torch
+
+    table = lengths_table()
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for _ in range(n):
+        total, prompt = rng.choice(table)
+        ids = torch.randint(100, vocab, (total,), generator=gen).tolist()
+        out.append({"input_ids": ids, "labels": [-100] * prompt + ids[prompt:]})
+    return out
+
+
+def padding_efficiency(max_length=512):
+    table = lengths_table()
+    return sum(min(t, max_length) for t, _ in table) / (max_length * len(table))
+
+
+class _Tok:  # what the training path needs of a tokenizer when the data is already token ids
+    pad_token_id = 0
+    eos_token_id = 2
+
+
+def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=None, log=print,
+             padded_groups=False):
+    """One training run through medpeft.training. `padded_groups`: the same micro-batches as packing makes,
+    padded instead, with plain SDPA attention (the correctness check's reference)."""
+    import torch
+
+    from medpeft.data import PadCollator
+    from medpeft.packing import restore_attention
+    from medpeft.training import TrainingRun
+
+    if padded_groups:
+        original = TrainingRun._batches
+
+        class FlatPad(PadCollator):
+            def __call__(self, groups):
+                return super().__call__([e for g in groups for e in g])
+
+        def padded(self):
+            data, _, batch_size, speed = original(self)
+            restore_attention(self.model, self._attention)
+            self._attention = None
+            return data, FlatPad(0), batch_size, dict(speed, packing=False, padded_groups=True)
+
+        TrainingRun._batches = padded
+
+    from medpeft import methods
+    from medpeft.config import TrainConfig
+    from medpeft.training import build
+
+    method, options, base = OURS[name]
+    settings = dict(model_name=ckpt, data_path="-", output_dir=tempfile.mkdtemp(prefix="bench-") + "/out",
+                    max_steps=steps, batch_size=8, max_length=512, learning_rate=2e-4, logging_steps=1,
+                    max_eval_samples=8, seed=seed, warmup_ratio=0.0, tokens_per_batch=tokens_per_batch,
+                    lr_scheduler_type="constant_with_warmup")
+    settings.update(base)
+    settings.update(overrides)
+    cfg = TrainConfig(**settings)
+    n_examples = max(64, steps * max(tokens_per_batch, 4096) // 250)
+    vocab = json.loads((Path(ckpt) / "config.json").read_text())["vocab_size"]
+    examples = examples or synthetic_examples(n_examples, seed, vocab)
+    run = build(method, cfg, methods.get(method).Options(**options), log=log,
+                data=(_Tok(), examples, examples[:8], {"input_data": "synthetic MedQuAD-like lengths"}))
+    try:
+        metrics = run.fit()
+    finally:
+        run.cleanup()
+        del run
+        gc.collect()
+        torch.cuda.empty_cache()
+    return metrics
+
+
+def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, padded_groups=False):
+    """run_ours in a fresh process: peak memory then counts this run alone (a model freed in the same process
+    can leave memory behind that inflates the next run's peak)."""
+    import subprocess
+
+    spec = json.dumps({"name": name, "ckpt": ckpt, "steps": steps, "tokens_per_batch": tokens_per_batch,
+                       "overrides": overrides, "seed": seed, "padded_groups": padded_groups})
+    proc = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True)
+    for line in proc.stdout.splitlines():
+        if "RESULT " in line:
+            return json.loads(line.split("RESULT ", 1)[1])
+    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    raise RuntimeError(" / ".join(tail)[-400:])
+
+
+def flops_per_token(params, checkpointed_share):
+    return 2 * params * (2 + checkpointed_share)
+
+
+def main(argv=None):
+    import torch
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--methods", default="qlora,lora,adapter,ptuning")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--tokens_per_batch", type=int, default=4096)
+    p.add_argument("--skip_plain", action="store_true")
+    p.add_argument("--skip_check", action="store_true")
+    p.add_argument("--check_steps", type=int, default=50)
+    p.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matrix rate of the card")
+    p.add_argument("--variants", default="", help="extra runs, e.g. 'lora:checkpoint_share=0.5;adapter:liger=off'")
+    p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
+    args = p.parse_args(argv)
+    if args.one:
+        spec = json.loads(args.one)
+        m = run_ours(spec["name"], spec["ckpt"], spec["steps"], spec["tokens_per_batch"], spec["overrides"],
+                     seed=spec["seed"], padded_groups=spec["padded_groups"], log=lambda *a: None)
+        print("RESULT " + json.dumps(m))
+        return
+    os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
+    import naive_baseline as plain
+
+    results = {"device": torch.cuda.get_device_name(0), "versions": {}, "plain": {}, "ours": {}, "check": {}}
+    import peft
+    import transformers
+    results["versions"] = {"torch": torch.__version__, "transformers": transformers.__version__,
+                           "peft": peft.__version__}
+    if not Path(plain.CK).joinpath("config.json").is_file():
+        plain.build_checkpoint()
+    eff = padding_efficiency()
+    names = [m.strip() for m in args.methods.split(",") if m.strip()]
+    if not args.skip_plain:
+        for name in names:
+            spec = PLAIN[name]
+            meth, g = spec.split("_")
+            plain.bench(spec, meth == "qlora", use_gc=(g == "gc"), method="lora" if meth in ("qlora", "lora") else meth)
+            r = plain.results[spec]
+            results["plain"][name] = dict(r, useful_tokens_per_s=round(r["tokens_per_s"] * eff))
+            save(results)
+    if not args.skip_check:
+        results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch)
+        print("check", json.dumps(results["check"]), flush=True)
+        save(results)
+    runs = [(n, n, {}) for n in names]
+    for spec in filter(None, args.variants.split(";")):
+        name, _, kv = spec.partition(":")
+        over = {}
+        for item in filter(None, kv.split(",")):
+            k, _, v = item.partition("=")
+            over[k] = float(v) if k == "checkpoint_share" else int(v) if k == "tokens_per_batch" else v
+        runs.append((f"{name}[{kv}]", name, over))
+    for label, name, over in runs:
+        t = time.time()
+        tpb = int(over.pop("tokens_per_batch", args.tokens_per_batch))
+        try:
+            m = run_ours_isolated(name, plain.CK, args.steps, tpb, over)
+        except Exception as exc:  # one failing variant does not lose the table
+            results["ours"][label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            print(label, "FAILED", results["ours"][label]["error"], flush=True)
+            continue
+        speed = m.get("speed_settings", {})
+        layers = plain.cfg.num_hidden_layers
+        share = speed.get("checkpointed_layers", 0) / layers
+        mfu = m["steady_tokens_per_s"] * flops_per_token(m["total_parameters"], share) / (args.peak_tflops * 1e12)
+        results["ours"][label] = {
+            "useful_tokens_per_s": m["steady_tokens_per_s"], "padded_tokens_per_s": m["steady_padded_tokens_per_s"],
+            "peak_gb": m["peak_memory_gb"], "step_s": m["steady_step_s"], "mfu": round(mfu, 3),
+            "tokens_per_batch": tpb, **speed, "wall_s": round(time.time() - t, 1)}
+        print(label, json.dumps(results["ours"][label]), flush=True)
+        save(results)
+    table(results, names)
+    print(f"wrote {save(results)}")
+
+
+def save(results) -> Path:
+    out = Path(os.environ.get("OUT") or HERE / "results") / "gpu_throughput.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+    return out
+
+
+def per_example_losses(model, examples, packed):
+    """Step-0 mean answer loss of each example, from one packed row or from padded rows."""
+    import torch
+
+    from medpeft.data import PadCollator
+    from medpeft.packing import PackedCollator, enable_varlen_attention, restore_attention
+
+    model.eval()
+    device = next(model.parameters()).device
+    with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
+        if packed:
+            previous = enable_varlen_attention(model)
+            batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in PackedCollator()([examples]).items()}
+            labels = batch.pop("labels")
+            logits = model(**batch).logits.float()
+            restore_attention(model, previous)
+            losses, start = [], 0
+            for e in examples:
+                n = len(e["input_ids"])
+                lg, lb = logits[0, start:start + n - 1], labels[0, start + 1:start + n]
+                losses.append(torch.nn.functional.cross_entropy(lg, lb, ignore_index=-100).item())
+                start += n
+            return losses
+        batch = {k: v.to(device) for k, v in PadCollator(0)(examples).items()}
+        labels = batch.pop("labels")
+        logits = model(**batch).logits.float()
+        return [torch.nn.functional.cross_entropy(logits[i, :-1], labels[i, 1:], ignore_index=-100).item()
+                for i in range(len(examples))]
+
+
+def correctness_check(ckpt, steps, tokens_per_batch):
+    """QLoRA: (1) per-example losses at step 0, packed + Liger vs padded plain model; (2) 50-step loss curves
+    of the optimised path and of the plain one (padded batches of the same examples, SDPA, no Liger)."""
+    import torch
+
+    from medpeft import methods
+    from medpeft.config import TrainConfig
+    from medpeft.speedups import apply_liger
+    from medpeft.training import RunContext
+
+    examples = synthetic_examples(12, seed=1)
+    out = {}
+    # (1) step 0: the same model, plain then optimised
+    cfg = TrainConfig(model_name=ckpt, load_in_4bit=True, output_dir="/tmp/check-out")
+    ctx = RunContext(cfg=cfg, resolved_model=ckpt, device="cuda", work_dir=Path(tempfile.mkdtemp()),
+                     gradient_checkpointing=True)
+    model = methods.get("qlora").prepare(ctx, methods.get("qlora").Options(lora_r=16, lora_alpha=32, lora_dropout=0.0))
+    sample = examples[:12]
+    plain_losses = per_example_losses(model, sample, packed=False)
+    apply_liger(model)
+    ours_losses = per_example_losses(model, sample, packed=True)
+    rel = [abs(a - b) / b for a, b in zip(ours_losses, plain_losses)]
+    out["step0_max_rel_diff"] = round(max(rel), 5)
+    out["step0_plain"] = [round(x, 4) for x in plain_losses]
+    out["step0_ours"] = [round(x, 4) for x in ours_losses]
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    # (2) curves over the same micro-batches (same examples, same order), each run in its own process
+    curves = {}
+    for label, over, padded in (("plain", {"liger": "off"}, True), ("ours", {}, False)):
+        m = run_ours_isolated("qlora", ckpt, steps, tokens_per_batch, dict(over, packing="on"), seed=1,
+                              padded_groups=padded)
+        curves[label] = [p["loss"] for p in m["loss_curve"]]
+    rel = [abs(a - b) / b for a, b in zip(curves["ours"], curves["plain"])]
+    out.update(curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
+               curve_mean_rel_diff=round(sum(rel) / len(rel), 5), curve_ours=curves["ours"],
+               curve_plain=curves["plain"])
+    return out
+
+
+def table(results, names):
+    print("\n| method | plain useful tok/s | plain padded tok/s | plain peak GB | ours useful tok/s | ours peak GB "
+          "| MFU | x plain (useful) | settings |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    for label, r in results["ours"].items():
+        name = label.split("[")[0]
+        pl = results["plain"].get(name, {})
+        if "error" in r:
+            print(f"| {label} | | | | failed: {r['error'][:80]} | | | | |")
+            continue
+        ratio = r["useful_tokens_per_s"] / pl["useful_tokens_per_s"] if pl else float("nan")
+        settings = (f"packing {r.get('packing')}, liger {r.get('liger')}, "
+                    f"checkpointed {r.get('checkpointed_layers', 0)}, {r['tokens_per_batch']} tok/batch")
+        print(f"| {label} | {pl.get('useful_tokens_per_s', '')} | {pl.get('tokens_per_s', '')} | "
+              f"{pl.get('peak_gb', '')} | {r['useful_tokens_per_s']:.0f} | {r['peak_gb']} | {r['mfu']} | "
+              f"{ratio:.2f} | {settings} |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""GPU speed levers of the training path, each with a clean fallback on the CPU.
+
+    apply_liger(model)                -> True when Liger kernels now run the model (fused linear cross-entropy:
+                                         the logits of a whole micro-batch are never materialised)
+    limit_checkpointing(model, share) -> recompute activations in the first `share` of decoder layers only
+"""
+
+from __future__ import annotations
+
+
+def _transformers_model(model):
+    """The transformers model inside a peft wrapper (AdapterHub models are transformers models already)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner
+
+
+def liger_available() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+def apply_liger(model, log=print, fused_cross_entropy: bool = True) -> bool:
+    import torch
+
+    inner = _transformers_model(model)
+    if not torch.cuda.is_available() or next(inner.parameters()).device.type != "cuda":
+        return False
+    from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
+
+    model_type = getattr(inner.config, "model_type", None)
+    if model_type not in MODEL_TYPE_TO_APPLY_LIGER_FN:
+        log(f"liger: no kernels for model type '{model_type}'; running without them")
+        return False
+    # Note: besides this instance, Liger also patches transformers' module-level classes and RoPE function,
+    # so models of this type built later in the process use its RMSNorm, SwiGLU and RoPE too.
+    _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True,
+                                    fused_linear_cross_entropy=fused_cross_entropy, cross_entropy=False)
+    return True
+
+
+def decoder_layers(model):
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    return [m for m in _transformers_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def limit_checkpointing(model, share: float) -> int:
+    """Keep recomputation in the first round(share x n) decoder layers; the rest store their activations.
+    Returns how many layers still recompute."""
+    layers = [m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)]
+    keep = round(share * len(layers))
+    for layer in layers[keep:]:
+        layer.gradient_checkpointing = False
+    return keep
