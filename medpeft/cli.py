@@ -11,6 +11,7 @@ import logging
 import os
 import sys
 import warnings
+from typing import Optional
 
 from .errors import UsageError
 
@@ -19,6 +20,10 @@ SUBCOMMANDS = {
     "train": "fine-tune with one method (--method qlora|adapter|ptuning)",
     "evaluate": "compare the base model and fine-tuned models on the test split",
     "run": "prepare, train every method, evaluate, report",
+    "merge": "fold a LoRA/QLoRA output into its base: a standalone transformers model",
+    "generate": "answers to --prompt or to every question of --input, from a base or tuned model",
+    "chat": "talk to a base or tuned model in the terminal (streamed answers)",
+    "recommend": "rank the evaluated methods that fit a memory budget",
 }
 
 
@@ -131,6 +136,65 @@ def cmd_run(argv, prog):
     return 0
 
 
+def cmd_merge(argv, prog):
+    from dataclasses import dataclass
+
+    from . import config
+    from .export import merge
+
+    @dataclass
+    class MergeConfig:
+        adapter: str = config.opt("models/qlora", "a QLoRA/LoRA training output")
+        output: str = config.opt("merged", "new folder for the merged model")
+
+        def validate(self):
+            return []
+
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["merge"], [MergeConfig])
+    merge(cfg.adapter, cfg.output)
+    return 0
+
+
+def cmd_generate(argv, prog, interactive=False):
+    from . import config, inference
+
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["chat" if interactive else "generate"],
+                          [inference.GenerateConfig])
+    if interactive:
+        inference.chat(cfg)
+    else:
+        inference.generate(cfg)
+    return 0
+
+
+def cmd_recommend(argv, prog):
+    import json
+    from dataclasses import dataclass
+    from pathlib import Path
+
+    from . import config
+    from .report import recommend_lines
+
+    @dataclass
+    class RecommendConfig:
+        results: str = config.opt("evaluation_results.json", "results written by evaluate_models / run_all")
+        memory_gb: Optional[float] = config.opt(None, "memory available for training, GB (default: no limit)")
+
+        def validate(self):
+            return [f"--memory_gb must be positive, got {self.memory_gb}"] if (self.memory_gb or 1) <= 0 else []
+
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["recommend"], [RecommendConfig])
+    path = Path(cfg.results)
+    try:
+        results = json.loads(path.read_text(encoding="utf-8"))
+        results["models"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--results: '{path}' is not a medpeft evaluation results file ({type(exc).__name__}); "
+                         "run utils/evaluate_models.py first") from exc
+    print("\n".join(recommend_lines(results, cfg.memory_gb)))
+    return 0
+
+
 def run(argv, prog="medpeft", command=None, method=None) -> int:
     """Entry point shared by `medpeft` and the seed scripts; returns the exit code."""
     _quiet_libraries()
@@ -152,6 +216,12 @@ def run(argv, prog="medpeft", command=None, method=None) -> int:
             return cmd_evaluate(argv, prog)
         if command == "run":
             return cmd_run(argv, prog)
+        if command == "merge":
+            return cmd_merge(argv, prog)
+        if command in ("generate", "chat"):
+            return cmd_generate(argv, prog, interactive=command == "chat")
+        if command == "recommend":
+            return cmd_recommend(argv, prog)
         raise UsageError(f"{prog}: unknown command '{command}'; commands: {', '.join(SUBCOMMANDS)}")
     except UsageError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -55,10 +55,11 @@ def answer_loss(model, examples: list[dict], pad_token_id: int, batch_size: int 
             logits = model(**batch).logits
         logits = logits[:, logits.shape[1] - labels.shape[1]:]  # P-Tuning prepends its virtual tokens
         targets = labels[:, 1:]
-        losses = torch.nn.functional.cross_entropy(logits[:, :-1].float().transpose(1, 2), targets,
-                                                   ignore_index=-100, reduction="none")
-        nll.extend(losses.sum(dim=1).tolist())
-        counts.extend((targets != -100).sum(dim=1).tolist())
+        scored = targets != -100  # the softmax over the vocabulary only where an answer token is predicted
+        losses = torch.nn.functional.cross_entropy(logits[:, :-1][scored].float(), targets[scored], reduction="none")
+        rows = scored.nonzero()[:, 0]
+        nll.extend(torch.zeros(len(targets), dtype=losses.dtype).index_add_(0, rows.cpu(), losses.cpu()).tolist())
+        counts.extend(scored.sum(dim=1).tolist())
     if was_training:
         model.train()
     total = sum(counts)
@@ -189,11 +190,11 @@ def score_options(model, tokenizer, records: list[dict], batch_size: int = 16) -
         with autocast(model):
             logits = model(input_ids=input_ids, attention_mask=mask).logits
         logits = logits[:, logits.shape[1] - width:]  # P-Tuning prepends its virtual tokens
-        logprobs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
         for row, i in enumerate(chunk):
             k, letter, start, end = spans[i]
             targets = input_ids[row, start:end]
-            scores[k][letter] = float(logprobs[row, start - 1:end - 1].gather(-1, targets[:, None]).mean())
+            logprobs = torch.log_softmax(logits[row, start - 1:end - 1].float(), dim=-1)
+            scores[k][letter] = float(logprobs.gather(-1, targets[:, None]).mean())
     return scores
 
 
@@ -324,7 +325,7 @@ def _merged_speed(model, tokenizer, records, cfg) -> dict:
     if getattr(model.peft_config.get("default"), "peft_type", None).value != "LORA":
         return {}
     merged = model.merge_and_unload()
-    _, timing = generate_answers(merged, tokenizer, records[: min(len(records), 2 * cfg.batch_size)],
+    _, timing = generate_answers(merged, tokenizer, records[: min(len(records), cfg.batch_size)],
                                  cfg.batch_size, cfg.max_new_tokens, "merged generate")
     return {"merged_latency_s_per_answer": timing["latency_s_per_answer"],
             "merged_generated_tokens_per_s": timing["generated_tokens_per_s"]}
@@ -338,7 +339,7 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
     from pathlib import Path
 
     from .errors import UsageError
-    from .modeling import default_device, load_model, load_tokenizer, resolve_model
+    from .modeling import default_device, load_model, load_tokenizer, resolve_dtype, resolve_model
     from .training import library_versions, load_trained, read_run
 
     records = load_test_records(cfg.test_data, cfg.max_samples, cfg.seed)
@@ -355,10 +356,14 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
         try:
             if name == "base":
                 tokenizer = load_tokenizer(resolved_base, cfg.trust_remote_code)
-                model = load_model(resolved_base, device=default_device(), trust_remote_code=cfg.trust_remote_code)
+                model = load_model(resolved_base, device=default_device(), trust_remote_code=cfg.trust_remote_code,
+                                   dtype=resolve_dtype(cfg.dtype, default_device()))
                 efficiency, training = {}, None
             else:
-                model, tokenizer, run = load_trained(path)
+                model, tokenizer, run = load_trained(path, dequantize=default_device() == "cpu",
+                                                     dtype=None if cfg.dtype == "auto" else cfg.dtype)
+                if default_device() == "cpu" and run["settings"].get("load_in_4bit"):
+                    entry["note"] = "4-bit base evaluated as bf16 layers holding the same values (CPU speed)"
                 efficiency, training = _efficiency_from_training(path)
                 entry["settings"] = run["settings"]
             started = time.time()
@@ -369,6 +374,8 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
                 entry["efficiency"]["eval_peak_memory_gb"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
             entry["training"] = training
             entry["eval_seconds"] = round(time.time() - started, 1)
+            if name != "base":
+                _update_card(path, entry)
             log(_summary_line(entry))
         except UsageError as exc:
             entry.update(status="failed", error=str(exc))
@@ -395,6 +402,29 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
     tmp.write_text(json.dumps(out, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(path)
     return out
+
+
+def _update_card(path: str, entry: dict) -> None:
+    """The model card of an evaluated output gains the evaluation figures."""
+    import json
+    from pathlib import Path
+
+    from .export import write_model_card
+    from .training import CONFIG_FILE, METRICS_FILE
+
+    out = Path(path)
+    try:
+        run = json.loads((out / CONFIG_FILE).read_text(encoding="utf-8"))
+        metrics = json.loads((out / METRICS_FILE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return
+    figures = {k: entry[k] for k in ("loss", "generation") if k in entry}
+    if "choice" in entry:
+        figures["choice"] = {k: v for k, v in entry["choice"].items() if k != "hits_loglik"}
+    try:
+        write_model_card(out, run, metrics, evaluation=figures)
+    except OSError:  # a read-only output is still evaluated
+        pass
 
 
 def _add_significance(results: dict) -> None:

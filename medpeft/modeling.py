@@ -168,6 +168,13 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+def resolve_dtype(name: str, device: str) -> torch.dtype:
+    """'auto' | 'float32' | 'bfloat16' -> the dtype a base that is not 4-bit is loaded in."""
+    if name == "auto":
+        return compute_dtype(device)
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
+
+
 def compute_dtype(device: str) -> torch.dtype:
     if device == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16

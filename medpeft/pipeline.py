@@ -42,6 +42,8 @@ class RunConfig:
     system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_new_tokens: int = opt(128, "longest generated answer in the evaluation")
     seed: int = opt(42, "random seed for splits, training and evaluation")
+    dtype: str = opt("auto", "dtype of bases that are not 4-bit, every method and the evaluation (auto = bf16 on a "
+                             "GPU, fp32 on a CPU)", ["auto", "float32", "bfloat16"])
 
     def validate(self) -> list[str]:
         unknown = [m for m in self.method_list() if m not in methods.NAMES]
@@ -93,7 +95,7 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
         method = methods.get(name)
         settings = dict(method.DEFAULTS, model_name=cfg.model_name, data_path=str(data_dir),
                         output_dir=str(models_dir / name), num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
-                        max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed)
+                        max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed, dtype=cfg.dtype)
         settings.update((method_overrides or {}).get(name, {}))
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         train_cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
@@ -120,7 +122,7 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
     eval_cfg = EvalConfig(base_model=cfg.model_name, test_data=str(data_dir / "test.json"),
                           output_file=str(root / "evaluation_results.json"), max_samples=cfg.max_samples,
                           batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
-                          seed=cfg.seed, **{f"{m}_model": p for m, p in trained.items()})
+                          seed=cfg.seed, dtype=cfg.dtype, **{f"{m}_model": p for m, p in trained.items()})
     eval_fp = fingerprint(dataclasses.asdict(eval_cfg), prep_fp,
                           {m: _stored(Path(p) / CONFIG_FILE) for m, p in trained.items()}, failed)
     results_path = Path(eval_cfg.output_file)

@@ -145,6 +145,61 @@ def _samples(results: dict) -> list[dict]:
     return rows
 
 
+def _quality(entry: dict) -> tuple[str, float] | None:
+    """The measure methods are ranked by: MC accuracy where there are choice items, else ROUGE-L, else
+    minus the perplexity."""
+    if entry.get("choice"):
+        return "MC accuracy", entry["choice"]["accuracy_loglik"]
+    if entry.get("generation"):
+        return "ROUGE-L", entry["generation"]["rougeL"]
+    if entry.get("loss"):
+        return "-perplexity", -entry["loss"]["perplexity"]
+    return None
+
+
+def recommend(results: dict, memory_gb: float | None = None) -> list[dict]:
+    """Fine-tuned methods ranked by measured quality; `fits` = peak training memory within `memory_gb`;
+    `pareto` = no other fitting method is at least as good in quality, memory and training time and better in one."""
+    rows = []
+    for name, entry in results["models"].items():
+        if name == "base" or entry.get("status") != "ok" or _quality(entry) is None:
+            continue
+        eff = entry.get("efficiency", {})
+        measure, value = _quality(entry)
+        rows.append({"method": name, "measure": measure, "quality": value, "memory_gb": eff.get("peak_memory_gb"),
+                     "train_s": eff.get("train_runtime_s"), "size_mb": round((eff.get("size_bytes") or 0) / 1e6, 2),
+                     "fits": memory_gb is None or (eff.get("peak_memory_gb") or 0) <= memory_gb})
+    fitting = [r for r in rows if r["fits"]]
+    for r in rows:
+        keys = ("quality", "memory_gb", "train_s")
+
+        def better_or_equal(o, r=r):
+            return (o["quality"] >= r["quality"] and (o["memory_gb"] or 0) <= (r["memory_gb"] or 0)
+                    and (o["train_s"] or 0) <= (r["train_s"] or 0))
+
+        r["pareto"] = r["fits"] and not any(
+            o is not r and better_or_equal(o) and any(o[k] != r[k] for k in keys) for o in fitting)
+    return sorted(rows, key=lambda r: (not r["fits"], -r["quality"]))
+
+
+def recommend_lines(results: dict, memory_gb: float | None = None) -> list[str]:
+    rows = recommend(results, memory_gb)
+    budget = f"a {memory_gb:g} GB memory budget" if memory_gb is not None else "no memory budget"
+    if not rows:
+        return ["no fine-tuned method with results to rank"]
+    lines = [f"methods ranked by {rows[0]['measure']} under {budget} (memory = peak during training, as measured):",
+             "| rank | method | " + rows[0]["measure"] + " | peak memory GB | train s | weights MB | fits | Pareto |",
+             "|---:|---|---:|---:|---:|---:|---|---|"]
+    for i, r in enumerate(rows, start=1):
+        lines.append(f"| {i if r['fits'] else '-'} | {r['method']} | {r['quality']:.4g} | {r['memory_gb']} | "
+                     f"{r['train_s']} | {r['size_mb']} | {'yes' if r['fits'] else 'no'} | "
+                     f"{'yes' if r['pareto'] else ''} |")
+    best = next((r for r in rows if r["fits"]), None)
+    lines.append(f"recommended: {best['method']}" if best else "recommended: none fits; lower the memory need "
+                 "(4-bit base, smaller --batch_size, shorter --max_length) or raise the budget")
+    return lines
+
+
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(results)
@@ -161,6 +216,8 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     for name, data in figures.items():
         (files / f"{name}.png").write_bytes(data)
         md += ["", f"![{name}](report_files/{name}.png)"]
+    choosing = recommend_lines(results)
+    md += ["", "## Choosing a method", ""] + choosing
     samples = _samples(results)
     if samples:
         md += ["", "## Answers side by side", ""]
@@ -184,6 +241,7 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
 td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
 <h1>medpeft evaluation report</h1><p>{esc(intro)}</p>{table}{images}
+<h2>Choosing a method</h2><pre>{esc(chr(10).join(choosing))}</pre>
 <h2>Answers side by side</h2>{sample_html}
 <p><small>Synthetic or research data; not medical advice.</small></p></body></html>"""
     html_path = out_dir / "report.html"

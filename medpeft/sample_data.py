@@ -4,11 +4,11 @@ Built from a table of short textbook facts (first-line treatments, mechanisms, d
 Each fact gets four question phrasings and two multiple-choice items whose distractors are other facts'
 answers of the same kind. The `split` column places them so that evaluation can show learning:
 
-    seen facts (4 of 5):  phrasings 1-2 + one multiple-choice item -> train, phrasing 3 -> validation,
-                          phrasing 4 + the other multiple-choice item (new options order) -> test
+    seen facts (4 of 5):  phrasings 1-2 -> train, phrasing 3 + one multiple-choice item -> validation,
+                          phrasing 4 + the other multiple-choice item -> test
     unseen facts (1 of 5): everything -> test
 
-One record:  {"question": "How does warfarin work?", "answer": "Warfarin works by inhibiting ...",
+One record:  {"question": "How does warfarin work?", "answer": "Inhibiting vitamin K epoxide reductase, ...",
               "options": null, "label": null, "fact_id": "mechanism-06", "kind": "mechanism",
               "split": "train", "seen": true, "source": "medpeft synthetic sample; not medical advice"}
 
@@ -104,12 +104,9 @@ QUESTIONS = {
     "cause": ["What causes {s}?", "What is the cause of {s}?", "What is {s} caused by?",
               "What is the underlying cause of {s}?"],
 }
-ANSWERS = {
-    "treatment": "The first-line treatment for {s} is {a}.",
-    "mechanism": "{S} works by {a}.",
-    "test": "{S} is diagnosed with {a}.",
-    "cause": "{S} is caused by {a}.",
-}
+# Short answers: the fact itself, in the same words as the multiple-choice option that names it, so that the
+# few steps a CPU demo can afford go into the fact rather than into a sentence template.
+ANSWER = "{A}."
 MC_QUESTIONS = {
     "treatment": ["Which of the following is the first-line treatment for {s}?",
                   "A patient has {s}. Which treatment should be tried first?"],
@@ -136,10 +133,10 @@ def build(seed: int = 7) -> list[dict]:
             qa_splits = ["train", "train", "validation", "test"] if seen else ["test"] * 4
             for phrasing, split in zip(QUESTIONS[kind], qa_splits):
                 rows.append({"question": phrasing.format(s=subject),
-                             "answer": ANSWERS[kind].format(s=subject, S=_cap(subject), a=answer),
+                             "answer": ANSWER.format(A=_cap(answer)),
                              "options": None, "label": None, "split": split, **base})
             others = [a for j, (_, a) in enumerate(facts) if j != n]
-            for phrasing, split in zip(MC_QUESTIONS[kind], ["train" if seen else "test", "test"]):
+            for phrasing, split in zip(MC_QUESTIONS[kind], ["validation" if seen else "test", "test"]):
                 options = rng.sample(others, 3) + [answer]
                 rng.shuffle(options)
                 letter = "ABCD"[options.index(answer)]

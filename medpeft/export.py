@@ -1,0 +1,176 @@
+"""Using a trained output: fold LoRA into a standalone model, and the model card every output carries.
+
+    medpeft merge --adapter models/qlora --output merged/    # plain transformers model, bf16 (fp32 base stays fp32)
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .errors import UsageError
+
+DISCLAIMER = ("**Not medical advice.** This model is a research artefact. Its answers can be wrong, outdated or "
+              "unsafe; they must not be used to diagnose, treat or make decisions about any person's health. "
+              "A qualified clinician must check anything it says.")
+
+NOT_MERGEABLE = {
+    "adapter": "bottleneck adapters add new layers to every decoder block; they cannot be folded into the base "
+               "weights. Serve the base model with the adapter loaded (adapters.init(model); "
+               "model.load_adapter(DIR)), or `medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
+    "ptuning": "P-Tuning adds virtual tokens before every input; there is no weight to fold them into. Serve the "
+               "base model with the prompt encoder (peft's PeftModel.from_pretrained(base, DIR)), or "
+               "`medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
+}
+
+
+def _dequantized(module) -> torch.Tensor:
+    import bitsandbytes as bnb
+
+    weight = module.weight
+    if isinstance(weight, bnb.nn.Params4bit):
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16)
+    return weight.data
+
+
+def merged_state(model) -> tuple[dict[str, torch.Tensor], torch.dtype]:
+    """Every weight the merged model needs, under the plain model's names: 4-bit layers dequantized to bf16
+    (the values the adapter was trained on), LoRA's update added to the layers it adapts."""
+    from peft.tuners.lora import LoraLayer
+
+    inner = model.get_base_model()
+    state, lora_names = {}, []
+    for name, module in inner.named_modules():
+        if isinstance(module, LoraLayer):
+            base = module.get_base_layer()
+            weight = _dequantized(base).clone()
+            for adapter in module.active_adapters:
+                weight += module.get_delta_weight(adapter).to(weight.dtype)
+            state[f"{name}.weight"] = weight
+            if base.bias is not None:
+                state[f"{name}.bias"] = base.bias.data
+            lora_names.append(name + ".")
+    for name, module in inner.named_modules():
+        if any(name.startswith(prefix) for prefix in lora_names):
+            continue
+        for pname, param in module.named_parameters(recurse=False):
+            state[f"{name}.{pname}"] = _dequantized(module) if pname == "weight" else param.data
+    floats = {t.dtype for t in state.values() if t.is_floating_point()}
+    return state, torch.float32 if floats == {torch.float32} else torch.bfloat16
+
+
+def merge(adapter_dir: str, output: str, log=print) -> dict:
+    """Fold a LoRA/QLoRA output into its base and save a standalone model; returns the logit check."""
+    from transformers import AutoModelForCausalLM
+
+    from .training import load_trained, read_run
+
+    run = read_run(adapter_dir)
+    if run["method"] in NOT_MERGEABLE:
+        raise UsageError(f"'{adapter_dir}' holds a {run['method']} model, which cannot be merged: "
+                         f"{NOT_MERGEABLE[run['method']]}")
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--output '{output}' exists and is not empty; choose a new folder")
+    model, tokenizer, run = load_trained(adapter_dir)
+    state, dtype = merged_state(model)
+    config = model.get_base_model().config
+    config_dict = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
+    plain_config = type(config).from_dict(config_dict)
+    plain_config.torch_dtype = dtype
+    from transformers.modeling_utils import no_init_weights
+
+    with no_init_weights():  # every weight comes from `state`; skip the random initialisation
+        merged = AutoModelForCausalLM.from_config(plain_config, dtype=dtype)
+    result = merged.load_state_dict({k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu()
+                                     for k, v in state.items()}, strict=False)
+    missing = [k for k in result.missing_keys if not (k == "lm_head.weight" and plain_config.tie_word_embeddings)]
+    if missing:
+        raise UsageError(f"merge: no weight found for {len(missing)} parameters (first: {missing[0]})")
+    if getattr(config, "tie_word_embeddings", False):
+        merged.tie_weights()
+    merged.eval()
+    check = _logit_check(model, merged, tokenizer)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
+    try:
+        merged.save_pretrained(staging, safe_serialization=True)
+        tokenizer.save_pretrained(staging)
+        card = dict(run, merged_from=str(adapter_dir), merge_check=check)
+        write_model_card(staging, card)
+        if out.exists():
+            out.rmdir()
+        shutil.move(str(staging), out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"merged {adapter_dir} into {out} ({dtype}); max |logit difference| vs the adapter model: "
+        f"{check['max_abs_logit_diff']:.4g} (logits span {check['logit_range']:.3g})")
+    return check
+
+
+@torch.no_grad()
+def _logit_check(adapted, merged, tokenizer) -> dict:
+    from .modeling import autocast
+
+    text = "What is the first-line treatment for uncomplicated type 2 diabetes?"
+    ids = tokenizer(text, return_tensors="pt")["input_ids"].to(next(adapted.parameters()).device)
+    with autocast(adapted):
+        a = adapted(input_ids=ids).logits.float()
+    with autocast(merged):
+        b = merged.to(ids.device)(input_ids=ids).logits.float()
+    return {"max_abs_logit_diff": round(float((a - b).abs().max()), 6),
+            "logit_range": round(float(a.max() - a.min()), 4), "tokens": int(ids.shape[1]),
+            "same_greedy_next_tokens": bool(torch.equal(a.argmax(-1), b.argmax(-1)))}
+
+
+# ----------------------------------------------------------------------------------------------- model card
+
+def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, evaluation: dict | None = None) -> Path:
+    """README.md for a training (or merged) output: base model, method and settings, data, figures, limits."""
+    settings = run.get("settings", {})
+    data = run.get("data") or {}
+    lines = [f"# {run.get('method', 'model')} adapter of {settings.get('model_name', '?')} (medpeft)", "",
+             DISCLAIMER, "",
+             "## Model", "",
+             f"- base model: `{settings.get('model_name')}` (resolved: `{run.get('resolved_model')}`)",
+             f"- method: **{run.get('method')}**" + (" (merged into the base: a standalone model)"
+                                                      if run.get("merged_from") else ""),
+             "- settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items())
+                                        if k not in ("output_dir", "data_path")), "",
+             "## Data", "",
+             f"- source: `{data.get('input_data')}` (sha256 `{str(data.get('input_sha256'))[:16]}…`)",
+             f"- schema: {data.get('schema')}; examples per split: {data.get('counts')}", ""]
+    if metrics:
+        lines += ["## Training", "",
+                  f"- validation loss: {metrics.get('validation_loss_base')} (base) → "
+                  f"{metrics.get('validation_loss_final')} (tuned), {metrics.get('validation_examples')} examples",
+                  f"- {metrics.get('steps')} steps, {metrics.get('train_runtime_s')} s on {metrics.get('device')}, "
+                  f"{metrics.get('tokens_per_s')} tokens/s, peak memory {metrics.get('peak_memory_gb')} GB",
+                  f"- trainable parameters: {metrics.get('trainable_parameters'):,} of "
+                  f"{metrics.get('total_parameters'):,}" if metrics.get("trainable_parameters") else "", ""]
+    if run.get("merge_check"):
+        c = run["merge_check"]
+        lines += ["## Merge check", "", f"- max |logit difference| vs the adapter model: {c['max_abs_logit_diff']} "
+                  f"(logits span {c['logit_range']}; same greedy next tokens: {c['same_greedy_next_tokens']})", ""]
+    if evaluation:
+        lines += ["## Evaluation", "", "```json", json.dumps(evaluation, indent=1)[:4000], "```", ""]
+    lines += ["## Intended use and limits", "",
+              "For research on adapting language models to medical question answering. Trained on the data above "
+              "only; it inherits the base model's biases and gaps, may state false facts fluently, and was not "
+              "evaluated for clinical safety. Not for use with patients.", "",
+              "## Loading", "", _loading_hint(run), ""]
+    path = Path(out_dir) / "README.md"
+    path.write_text("\n".join(x for x in lines if x is not None) + "\n", encoding="utf-8")
+    return path
+
+
+def _loading_hint(run: dict) -> str:
+    if run.get("merged_from"):
+        return "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(DIR)\n```"
+    if run.get("method") == "adapter":
+        return ("```python\nimport adapters\nadapters.init(model)\nmodel.load_adapter(DIR, with_head=False, "
+                "set_active=True)\n```")
+    return "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, DIR)\n```"

@@ -1,0 +1,152 @@
+"""Using trained outputs: merge, model cards, batch generation, chat in a pseudo-terminal, recommendations."""
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from medpeft import methods
+from medpeft.cli import run
+from medpeft.config import TrainConfig
+from medpeft.training import train
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _train(tiny_model, processed, out, method, options, **overrides):
+    settings = dict(model_name=tiny_model, data_path=processed, output_dir=str(out), max_steps=4, batch_size=8,
+                    learning_rate=1e-2, logging_steps=1, max_eval_samples=8, seed=0)
+    settings.update(overrides)
+    train(method, TrainConfig(**settings), methods.get(method).Options(**options), log=lambda *a: None)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def outputs(tiny_model, processed, tmp_path_factory):
+    root = tmp_path_factory.mktemp("using")
+    return {
+        "qlora": _train(tiny_model, processed, root / "qlora", "qlora", dict(lora_r=4, lora_alpha=8),
+                        load_in_4bit=True),
+        "lora": _train(tiny_model, processed, root / "lora", "qlora", dict(lora_r=4, lora_alpha=8)),
+        "adapter": _train(tiny_model, processed, root / "adapter", "adapter", dict(adapter_size=8)),
+        "ptuning": _train(tiny_model, processed, root / "ptuning", "ptuning", dict(num_virtual_tokens=4)),
+    }
+
+
+@pytest.mark.parametrize("name,tolerance", [("lora", 1e-4), ("qlora", 0.05)])
+def test_merge_gives_a_plain_model_with_the_adapters_logits(outputs, tmp_path, name, tolerance):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medpeft.modeling import autocast
+    from medpeft.training import load_trained
+
+    out = tmp_path / "merged"
+    assert run(["merge", "--adapter", outputs[name], "--output", str(out)]) == 0
+    merged = AutoModelForCausalLM.from_pretrained(out)  # plain transformers, no peft, no quantization
+    assert not hasattr(merged, "peft_config") and getattr(merged.config, "quantization_config", None) is None
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    ids = tokenizer("What causes scurvy?", return_tensors="pt")["input_ids"]
+    model, _, _ = load_trained(outputs[name])
+    with torch.no_grad(), autocast(model):
+        expected = model(input_ids=ids).logits.float()
+    with torch.no_grad(), autocast(merged):
+        got = merged(input_ids=ids).logits.float()
+    span = float(expected.max() - expected.min())
+    assert float((got - expected).abs().max()) <= tolerance * span  # 16-bit: exact to float error; NF4: bf16
+    card = (out / "README.md").read_text()
+    assert "Merge check" in card and "Not medical advice" in card
+
+
+@pytest.mark.parametrize("name", ["adapter", "ptuning"])
+def test_merge_refuses_methods_that_cannot_be_merged(outputs, tmp_path, capsys, name):
+    code = run(["merge", "--adapter", outputs[name], "--output", str(tmp_path / "m")])
+    err = capsys.readouterr().err
+    assert code == 2 and "cannot be merged" in err and "medpeft generate --adapter" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "m").exists()
+
+
+def test_every_output_has_a_model_card(outputs, tiny_model):
+    for path in outputs.values():
+        card = (Path(path) / "README.md").read_text()
+        assert "Not medical advice" in card and tiny_model in card
+        assert "validation loss" in card and "## Intended use and limits" in card and "sha256" in card
+
+
+def test_generate_answers_every_question_of_a_file(outputs, tmp_path):
+    questions = tmp_path / "q.jsonl"
+    questions.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("What causes scurvy?", "How does "
+                                                                                "warfarin work?", "Hi")))
+    for name in ("adapter", "ptuning"):
+        answers = tmp_path / f"{name}.jsonl"
+        assert run(["generate", "--adapter", outputs[name], "--input", str(questions), "--output", str(answers),
+                    "--max_new_tokens", "6"]) == 0
+        rows = [json.loads(line) for line in answers.read_text().splitlines()]
+        assert [r["question"] for r in rows] == ["What causes scurvy?", "How does warfarin work?", "Hi"]
+        assert all(isinstance(r["answer"], str) for r in rows)
+
+
+def test_generate_needs_one_source_of_questions(outputs, capsys):
+    assert run(["generate", "--adapter", outputs["lora"]]) == 2
+    assert "exactly one of --prompt" in capsys.readouterr().err
+
+
+def test_chat_in_a_pseudo_terminal(outputs, tmp_path):
+    import pexpect  # installed by the test set-up (make test)
+
+    child = pexpect.spawn(sys.executable, ["-m", "medpeft.cli", "chat", "--adapter", outputs["lora"],
+                                           "--max_new_tokens", "8"], cwd=str(ROOT), encoding="utf-8", timeout=120,
+                          env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
+    child.logfile_read = open(tmp_path / "transcript.txt", "w")
+    child.expect("NOT medical advice")
+    child.expect("you> ")
+    child.sendline("What causes scurvy?")
+    child.expect("model> ")
+    child.expect("you> ")  # the streamed answer came, and the conversation goes on
+    child.sendline("exit")
+    child.expect(pexpect.EOF)
+    child.close()
+    assert child.exitstatus == 0
+    transcript = (tmp_path / "transcript.txt").read_text()
+    assert "What causes scurvy?" in transcript and transcript.count("model> ") == 1
+
+
+def test_recommend_ranks_methods_within_a_memory_budget(tmp_path, capsys):
+    def entry(acc, mem, secs):
+        return {"status": "ok", "choice": {"accuracy_loglik": acc},
+                "efficiency": {"peak_memory_gb": mem, "train_runtime_s": secs, "size_bytes": 1e6}}
+
+    results = {"models": {"base": {"status": "ok", "choice": {"accuracy_loglik": 0.2}},
+                          "qlora": entry(0.6, 5.0, 100), "adapter": entry(0.7, 9.0, 80),
+                          "ptuning": entry(0.4, 8.0, 120)}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(results))
+    assert run(["recommend", "--results", str(path), "--memory_gb", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: qlora" in out  # the adapter is better but needs 9 GB
+    lines = [line for line in out.splitlines() if line.startswith("| ")]
+    assert "| 1 | qlora |" in lines[1] and "| - | adapter |" in out
+    assert run(["recommend", "--results", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "recommended: adapter" in out
+    pareto = {line.split("|")[2].strip() for line in out.splitlines() if line.rstrip().endswith("yes |")}
+    assert pareto == {"adapter", "qlora"}  # P-Tuning is worse, bigger and slower than qlora
+    assert run(["recommend", "--results", str(tmp_path / "missing.json")]) == 2
+
+
+def test_lora_output_is_a_standard_peft_adapter(outputs):
+    from safetensors import safe_open
+
+    for name in ("qlora", "lora"):
+        out = Path(outputs[name])
+        config = json.loads((out / "adapter_config.json").read_text())
+        assert config["peft_type"] == "LORA" and config["r"] == 4 and config["lora_alpha"] == 8
+        assert {t.split(".")[-1] for t in config["target_modules"]} >= {"q_proj", "k_proj", "v_proj", "o_proj",
+                                                                        "gate_proj", "up_proj", "down_proj"}
+        with safe_open(str(out / "adapter_model.safetensors"), "pt") as f:
+            keys = list(f.keys())
+        # the key layout serving engines (vLLM, TGI) read: base_model.model.<module path>.lora_{A,B}.weight
+        assert keys and all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
+                            for k in keys)
