@@ -90,9 +90,40 @@ def count_parameters(model) -> tuple[int, int]:
     return trainable, total
 
 
-def peak_memory_gb(device: str) -> dict:
+class RssSampler:
+    """The largest resident set size seen while a run lasts (the process-wide maximum would carry over from
+    earlier runs in the same process, as in run_all)."""
+
+    def __init__(self, every_s: float = 0.2):
+        import threading
+
+        self.peak, self._stop = self._rss(), threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every_s,), daemon=True)
+        self._thread.start()
+
+    @staticmethod
+    def _rss() -> int:
+        try:
+            with open("/proc/self/statm") as fh:
+                return int(fh.read().split()[1]) * resource.getpagesize()
+        except (OSError, ValueError, IndexError):
+            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+    def _loop(self, every_s):
+        while not self._stop.wait(every_s):
+            self.peak = max(self.peak, self._rss())
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join()
+        return max(self.peak, self._rss())
+
+
+def peak_memory_gb(device: str, sampler: RssSampler | None = None) -> dict:
     if device == "cuda":
         return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "memory_kind": "cuda_allocated"}
+    if sampler is not None:
+        return {"peak_memory_gb": round(sampler.stop() / 2**30, 3), "memory_kind": "cpu_peak_rss_during_run"}
     return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
             "memory_kind": "cpu_peak_rss_process"}
 
@@ -255,6 +286,7 @@ class TrainingRun:
                 self.model.is_quantized = True
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
+        sampler = RssSampler() if device == "cpu" else None
         t0 = time.time()
         try:
             result = trainer.train()
@@ -283,7 +315,7 @@ class TrainingRun:
             "tokens_per_s": round(collator.real_tokens / runtime, 1),
             "padded_tokens_per_s": round(collator.padded_tokens / runtime, 1),
             "train_tokens": collator.real_tokens, "speed_settings": speed, **timer.steady(),
-            **peak_memory_gb(device), "device": device,
+            **peak_memory_gb(device, sampler), "device": device,
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "versions": library_versions(),
