@@ -12,6 +12,7 @@ per example (slower, exact). A batch without those keywords (evaluation, generat
 
 from __future__ import annotations
 
+import functools
 import inspect
 import random
 
@@ -69,12 +70,14 @@ class PackedCollator:
                 "max_length_q": longest, "max_length_k": longest}
 
 
+@functools.lru_cache(maxsize=1)
 def _varlen_kernel():
+    """(PyTorch's varlen flash kernel or None, the names of its parameters): looked up once, not per layer."""
     try:
         from torch.nn.attention.varlen import varlen_attn
     except ImportError:
-        return None
-    return varlen_attn
+        return None, frozenset()
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
 def _per_example_sdpa(q, k, v, cu, scaling):
@@ -104,10 +107,9 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     dtype = q.dtype
     cu = cu.to(device=q.device, dtype=torch.int32)
-    kernel = _varlen_kernel() if q.is_cuda else None
+    kernel, params = _varlen_kernel() if q.is_cuda else (None, frozenset())
     if kernel is None:
         return _per_example_sdpa(q, k, v, cu, scaling).unsqueeze(0), None
-    params = inspect.signature(kernel).parameters
     extra = {}
     if "enable_gqa" in params:
         extra["enable_gqa"] = k.shape[1] != q.shape[1]
