@@ -24,7 +24,7 @@ def apply_liger(model, log=print, fused_cross_entropy: bool = True) -> bool:
     import torch
 
     inner = _transformers_model(model)
-    if not torch.cuda.is_available() or next(inner.parameters()).device.type != "cuda":
+    if not liger_available() or not torch.cuda.is_available() or next(inner.parameters()).device.type != "cuda":
         return False
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 

@@ -77,3 +77,18 @@ def test_packing_on_refused_for_ptuning(tiny_model, processed, tmp_path):
             run.fit()
     finally:
         run.cleanup()
+
+
+def test_liger_on_without_a_gpu_is_a_clear_error(tiny_model, processed, tmp_path):
+    from medpeft import methods
+    from medpeft.config import TrainConfig
+    from medpeft.training import build
+
+    cfg = TrainConfig(model_name=tiny_model, data_path=processed, output_dir=str(tmp_path / "l"), max_steps=1,
+                      liger="on")
+    run = build("qlora", cfg, methods.get("qlora").Options(lora_r=2), log=lambda *a: None)
+    try:
+        with pytest.raises(UsageError, match="Liger kernels need a CUDA GPU"):
+            run.fit()
+    finally:
+        run.cleanup()
