@@ -64,31 +64,25 @@ def test_packed_examples_score_as_they_do_alone(tiny_model, processed):
     assert torch.allclose(_token_logprobs(model, padded), alone, atol=1e-5)
 
 
-def test_packing_on_refused_for_ptuning(tiny_model, processed, tmp_path):
+def _fit_refused(tiny_model, processed, out, method, options, match, **settings):
     from medpeft import methods
     from medpeft.config import TrainConfig
     from medpeft.training import build
 
-    cfg = TrainConfig(model_name=tiny_model, data_path=processed, output_dir=str(tmp_path / "p"), max_steps=1,
-                      packing="on")
-    run = build("ptuning", cfg, methods.get("ptuning").Options(num_virtual_tokens=4), log=lambda *a: None)
+    cfg = TrainConfig(model_name=tiny_model, data_path=processed, output_dir=str(out), max_steps=1, **settings)
+    run = build(method, cfg, methods.get(method).Options(**options), log=lambda *a: None)
     try:
-        with pytest.raises(UsageError, match="cannot pack"):
+        with pytest.raises(UsageError, match=match):
             run.fit()
     finally:
         run.cleanup()
+
+
+def test_packing_on_refused_for_ptuning(tiny_model, processed, tmp_path):
+    _fit_refused(tiny_model, processed, tmp_path / "p", "ptuning", dict(num_virtual_tokens=4), "cannot pack",
+                 packing="on")
 
 
 def test_liger_on_without_a_gpu_is_a_clear_error(tiny_model, processed, tmp_path):
-    from medpeft import methods
-    from medpeft.config import TrainConfig
-    from medpeft.training import build
-
-    cfg = TrainConfig(model_name=tiny_model, data_path=processed, output_dir=str(tmp_path / "l"), max_steps=1,
-                      liger="on")
-    run = build("qlora", cfg, methods.get("qlora").Options(lora_r=2), log=lambda *a: None)
-    try:
-        with pytest.raises(UsageError, match="Liger kernels need a CUDA GPU"):
-            run.fit()
-    finally:
-        run.cleanup()
+    _fit_refused(tiny_model, processed, tmp_path / "l", "qlora", dict(lora_r=2), "Liger kernels need a CUDA GPU",
+                 liger="on")
