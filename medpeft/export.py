@@ -132,7 +132,10 @@ def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, eval
     """README.md for a training (or merged) output: base model, method and settings, data, figures, limits."""
     settings = run.get("settings", {})
     data = run.get("data") or {}
-    lines = [f"# {run.get('method', 'model')} adapter of {settings.get('model_name', '?')} (medpeft)", "",
+    library = "transformers" if run.get("merged_from") or run.get("method") == "adapter" else "peft"
+    front = ["---", f"base_model: {json.dumps(str(settings.get('model_name')))}", f"library_name: {library}",
+             "tags: [medical, medpeft, " + str(run.get("method")) + "]", "---", ""]
+    lines = front + [f"# {run.get('method', 'model')} adapter of {settings.get('model_name', '?')} (medpeft)", "",
              DISCLAIMER, "",
              "## Model", "",
              f"- base model: `{settings.get('model_name')}` (resolved: `{run.get('resolved_model')}`)",
@@ -150,7 +153,9 @@ def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, eval
                   f"- {metrics.get('steps')} steps, {metrics.get('train_runtime_s')} s on {metrics.get('device')}, "
                   f"{metrics.get('tokens_per_s')} tokens/s, peak memory {metrics.get('peak_memory_gb')} GB",
                   f"- trainable parameters: {metrics.get('trainable_parameters'):,} of "
-                  f"{metrics.get('total_parameters'):,}" if metrics.get("trainable_parameters") else "", ""]
+                  f"{metrics.get('total_parameters'):,}" if metrics.get("trainable_parameters") else "",
+                  "- training logs: `logs/` (TensorBoard: `tensorboard --logdir logs`)"
+                  if (Path(out_dir) / "logs").is_dir() else "", ""]
     if run.get("merge_check"):
         c = run["merge_check"]
         lines += ["## Merge check", "", f"- max |logit difference| vs the adapter model: {c['max_abs_logit_diff']} "
@@ -174,3 +179,28 @@ def _loading_hint(run: dict) -> str:
         return ("```python\nimport adapters\nadapters.init(model)\nmodel.load_adapter(DIR, with_head=False, "
                 "set_active=True)\n```")
     return "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, DIR)\n```"
+
+
+def push_to_hub(out_dir: Path, repo_id: str, log=print) -> str:
+    """Upload a finished output directory to a private Hugging Face repository. The token comes from the
+    HF_TOKEN environment variable only (no cached login, no argument), and never appears in a message."""
+    import os
+
+    from huggingface_hub import HfApi
+
+    token = os.environ.get("HF_TOKEN", "").strip()
+    if not token:
+        raise UsageError(f"--push_to_hub {repo_id}: set HF_TOKEN in the environment (a write token); "
+                         f"the trained output is kept in {out_dir}")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=True, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(out_dir), repo_id=repo_id,
+                                   commit_message=f"medpeft: upload {Path(out_dir).name}")
+    except Exception as exc:  # network, permission, name: one line, the token scrubbed
+        reason = (str(exc).strip().splitlines() or [type(exc).__name__])[0].replace(token, "***")[:300]
+        raise UsageError(f"--push_to_hub {repo_id}: upload failed ({reason}); the trained output is kept in "
+                         f"{out_dir}; check HF_TOKEN, the repository name and the network") from None
+    url = getattr(commit, "repo_url", None) or f"https://huggingface.co/{repo_id}"
+    log(f"uploaded {out_dir} to {url} (private)")
+    return str(url)

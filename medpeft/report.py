@@ -200,6 +200,23 @@ def recommend_lines(results: dict, memory_gb: float | None = None) -> list[str]:
     return lines
 
 
+def _lines_html(lines: list[str]) -> str:
+    """Markdown table rows as an HTML table, other lines as paragraphs."""
+    esc, out, rows = html.escape, [], []
+    for line in lines + [""]:
+        if line.startswith("|"):
+            if not set(line) <= set("|-: "):
+                rows.append([c.strip() for c in line.strip("|").split("|")])
+            continue
+        if rows:
+            out.append("<table><tr>" + "".join(f"<th>{esc(c)}</th>" for c in rows[0]) + "</tr>" + "".join(
+                "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in r) + "</tr>" for r in rows[1:]) + "</table>")
+            rows = []
+        if line:
+            out.append(f"<p>{esc(line)}</p>")
+    return "".join(out)
+
+
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(results)
@@ -241,7 +258,7 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
 td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
 <h1>medpeft evaluation report</h1><p>{esc(intro)}</p>{table}{images}
-<h2>Choosing a method</h2><pre>{esc(chr(10).join(choosing))}</pre>
+<h2>Choosing a method</h2>{_lines_html(choosing)}
 <h2>Answers side by side</h2>{sample_html}
 <p><small>Synthetic or research data; not medical advice.</small></p></body></html>"""
     html_path = out_dir / "report.html"

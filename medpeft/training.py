@@ -5,12 +5,16 @@ Output directory (written to a temporary folder, renamed into place when complet
     tokenizer files           the tokenizer used, with its fixed special tokens
     medpeft_config.json       method, every resolved setting, resolved base model, data summary
     metrics.json              loss curve, base/final validation loss, runtime, tokens/s, memory, parameters
+    README.md                 model card
+    logs/                     TensorBoard event files (loss, learning rate, grad norm, validation loss)
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
+import os
 import platform
 import random
 import resource
@@ -184,6 +188,51 @@ class _StepTimer:
                 "steady_steps": len(self.marks) - 1 - first}
 
 
+def _progress_callback(collator):
+    """Trainer's progress bar, with each log written as one readable line instead of a dict."""
+    from transformers.trainer_callback import ProgressCallback
+
+    start = []
+
+    class Progress(ProgressCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            start.append(time.perf_counter())
+            return super().on_train_begin(args, state, control, **kwargs)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not (state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {})):
+                return
+            parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {state.epoch or 0:.2f}",
+                     f"loss {logs['loss']:.4f}"]
+            if logs.get("learning_rate") is not None:
+                parts.append(f"lr {logs['learning_rate']:.2e}")
+            if logs.get("grad_norm") is not None:
+                parts.append(f"grad norm {logs['grad_norm']:.3f}")
+            if start:
+                parts.append(f"{collator.real_tokens / max(time.perf_counter() - start[0], 1e-9):,.0f} tokens/s")
+            self.training_bar.write(" | ".join(parts))
+
+    return Progress()
+
+
+def reporters(report_to: str) -> list[str]:
+    """TrainingArguments.report_to from --report_to, refusing a logger that is not installed."""
+    names = [r.strip() for r in report_to.split(",") if r.strip() and r.strip() != "none"]
+    for name, module, package in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
+        if name in names and importlib.util.find_spec(module) is None:
+            raise UsageError(f"--report_to {name}: the {package} package is not installed; "
+                             f"pip install {package}, or pass --report_to none")
+    return names
+
+
+def _close_loggers(trainer) -> None:
+    for callback in trainer.callback_handler.callbacks:
+        writer = getattr(callback, "tb_writer", None)
+        if writer is not None:
+            writer.close()
+            callback.tb_writer = None
+
+
 @dataclass
 class TrainingRun:
     """Everything `train` sets up, kept apart so that tests can look between the stages."""
@@ -265,7 +314,8 @@ class TrainingRun:
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
             logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
-            eval_steps=cfg.eval_steps or None, save_strategy="no", report_to=[], seed=cfg.seed,
+            eval_steps=cfg.eval_steps or None, save_strategy="no", report_to=reporters(cfg.report_to),
+            logging_dir=str(self.staging / "logs"), seed=cfg.seed,
             bf16=use_bf16, use_cpu=device == "cpu",
             optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
             remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
@@ -284,6 +334,11 @@ class TrainingRun:
         finally:
             if quantized_non_peft:
                 self.model.is_quantized = True
+        from transformers.trainer_callback import ProgressCallback
+
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_progress_callback(collator))
+        trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sampler = RssSampler() if device == "cpu" else None
@@ -298,13 +353,16 @@ class TrainingRun:
         self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         final_val = self.validation_loss("final validation")
         self.log(f"validation loss after training: {final_val['loss']:.4f} (base {base_val['loss']:.4f})")
+        trainer.log({"eval_answer_loss": final_val["loss"]})
+        _close_loggers(trainer)
 
         history = trainer.state.log_history
         return {
             "method": self.method_name, "model_name": cfg.model_name,
             "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
             "train_loss": round(result.training_loss, 5),
-            "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate")}
+            "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"),
+                            "grad_norm": h.get("grad_norm")}
                            for h in history if "loss" in h],
             "eval_curve": [{"step": h["step"], "loss": h["eval_loss"]} for h in history if "eval_loss" in h],
             "validation_loss_base": base_val["loss"], "validation_loss_final": final_val["loss"],
@@ -367,6 +425,9 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     method = methods.get(method_name)
     out = Path(cfg.output_dir)
     _check_output_dir(out)
+    reporters(cfg.report_to)  # a missing logger or token is found before the training, not after it
+    if cfg.push_to_hub and not os.environ.get("HF_TOKEN", "").strip():
+        raise UsageError(f"--push_to_hub {cfg.push_to_hub}: set HF_TOKEN in the environment (a write token)")
     set_seed(cfg.seed)
     device = default_device()
     resolved = resolve_model(cfg.model_name)
@@ -398,7 +459,11 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
     run.fingerprint = fingerprint
     try:
         metrics = run.fit()
-        run.save(metrics)
+        out = run.save(metrics)
+        if cfg.push_to_hub:
+            from .export import push_to_hub
+
+            push_to_hub(out, cfg.push_to_hub, log)
         return metrics
     finally:
         run.cleanup()

@@ -110,3 +110,28 @@ def processed(tmp_path_factory, tiny_model) -> str:
     prepare(PrepareConfig(input_data=str(SAMPLE_PATH), output_dir=str(out), model_name=tiny_model),
             log=lambda *a: None)
     return str(out)
+
+
+def report_results() -> dict:
+    """A results file with two evaluated models and a failed one: enough for every part of the report."""
+    return {
+        "test_data": "t.json", "test_items": 3, "choice_items": 2, "created": "now",
+        "models": {
+            "base": {"name": "base", "status": "ok", "loss": {"loss": 2.0, "perplexity": 7.39,
+                                                              "perplexity_ci": [6.5, 8.2]},
+                     "choice": {"accuracy_loglik": 0.5, "accuracy_loglik_ci": [0.0, 1.0], "accuracy_generate": 0.5,
+                                "unparseable_rate": 0.0},
+                     "generation": {"rougeL": 0.2, "rougeL_ci": [0.1, 0.3], "bleu": 3.0, "token_f1": 0.25},
+                     "efficiency": {"latency_s_per_answer": 0.5, "generated_tokens_per_s": 20.0},
+                     "samples": [{"question": "Q1?", "reference": "R1", "answer": "base says <b>"}]},
+            "qlora": {"name": "qlora", "status": "ok", "loss": {"loss": 1.0, "perplexity": 2.72},
+                      "choice": {"accuracy_loglik": 1.0, "accuracy_loglik_ci": [1.0, 1.0], "accuracy_generate": 1.0,
+                                 "unparseable_rate": 0.0, "gain_vs_base": 0.5, "gain_vs_base_ci": [0.0, 1.0],
+                                 "gain_significant": False},
+                      "generation": {"rougeL": 0.6, "rougeL_ci": [0.5, 0.7], "bleu": 30.0, "token_f1": 0.7},
+                      "efficiency": {"trainable_parameters": 1000, "size_bytes": 2**20, "train_runtime_s": 12.0,
+                                     "train_tokens_per_s": 100.0, "peak_memory_gb": 1.5},
+                      "training": {"loss_curve": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]},
+                      "samples": [{"question": "Q1?", "reference": "R1", "answer": "tuned says R1"}]},
+            "ptuning": {"name": "ptuning", "status": "failed", "error": "training failed: boom"},
+        }}

@@ -1,5 +1,6 @@
 """The command line: bad input ends with one line on stderr and exit code 2, and leaves no output behind."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -143,12 +144,75 @@ def test_seed_qlora_command_trains(tmp_path, tiny_model, processed, capsys):
     out = tmp_path / "models" / "qlora"
     code = run(["--model_name", tiny_model, "--data_path", processed, "--output_dir", str(out), "--num_epochs", "3",
                 "--learning_rate", "2e-4", "--batch_size", "8", "--lora_r", "16", "--lora_alpha", "32",
-                "--max_steps", "2", "--max_eval_samples", "8"], prog="qlora/train_qlora.py", command="train",
-               method="qlora")
+                "--max_steps", "2", "--max_eval_samples", "8", "--logging_steps", "1"], prog="qlora/train_qlora.py",
+               command="train", method="qlora")
     assert code == 0
-    assert "qlora: validation loss" in capsys.readouterr().out
+    captured = capsys.readouterr()
+    assert "qlora: validation loss" in captured.out
     settings = json.loads((out / "medpeft_config.json").read_text())["settings"]
     assert settings["load_in_4bit"] is True and settings["lora_r"] == 16 and settings["learning_rate"] == 2e-4
+    # one readable line per log, not a dict
+    lines = [ln for ln in (captured.out + captured.err).splitlines() if ln.startswith("step 2/2 | epoch")]
+    assert len(lines) == 1 and " | loss " in lines[0] and " | lr " in lines[0] and "tokens/s" in lines[0], lines
+    assert "{'loss'" not in captured.out + captured.err
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(out / "logs"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/learning_rate", "train/grad_norm", "eval/answer_loss"} <= tags, tags
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    metrics = json.loads((out / "metrics.json").read_text())
+    validation = [(e.step, round(e.value, 4)) for e in events.Scalars("eval/answer_loss")]
+    assert validation == [(0, round(metrics["validation_loss_base"], 4)), (2, round(metrics["validation_loss_final"], 4))]
+
+
+def test_logging_and_upload_refusals(tmp_path, tiny_model, processed, capsys, monkeypatch):
+    base = ["train", "--method", "qlora", "--no-load_in_4bit", "--model_name", tiny_model, "--data_path", processed, "--max_steps", "1",
+            "--max_eval_samples", "4"]
+    code = run([*base, "--output_dir", str(tmp_path / "a"), "--report_to", "tensorboard,mlflow"])
+    assert_clean_failure(capsys, code, tmp_path / "a", "--report_to must be tensorboard, wandb")
+    if importlib.util.find_spec("wandb") is None:
+        code = run([*base, "--output_dir", str(tmp_path / "b"), "--report_to", "wandb"])
+        assert_clean_failure(capsys, code, tmp_path / "b", "the wandb package is not installed", "pip install wandb")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    code = run([*base, "--output_dir", str(tmp_path / "c"), "--push_to_hub", "someone/med-lora", "--report_to", "none"])
+    assert_clean_failure(capsys, code, tmp_path / "c", "--push_to_hub someone/med-lora: set HF_TOKEN")
+    code = run([*base, "--output_dir", str(tmp_path / "d"), "--report_to", "none"])
+    assert code == 0 and (tmp_path / "d" / "adapter_model.safetensors").is_file()
+    assert not (tmp_path / "d" / "logs").exists()
+
+
+def test_push_to_hub_uploads_the_output_with_the_environment_token(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+
+    from medpeft.errors import UsageError
+    from medpeft.export import push_to_hub
+
+    token = "hf_" + "x" * 34
+    calls = []
+
+    class FakeApi:
+        def __init__(self, token):
+            calls.append(("token", token))
+
+        def create_repo(self, repo_id, private, exist_ok):
+            calls.append(("create", repo_id, private))
+
+        def upload_folder(self, folder_path, repo_id, commit_message):
+            calls.append(("upload", folder_path, repo_id))
+            if repo_id.endswith("denied"):
+                raise RuntimeError(f"403 Forbidden for token {token}")
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    monkeypatch.setenv("HF_TOKEN", token)
+    push_to_hub(tmp_path, "someone/med-lora", log=print)
+    assert calls == [("token", token), ("create", "someone/med-lora", True), ("upload", str(tmp_path), "someone/med-lora")]
+    with pytest.raises(UsageError) as exc:
+        push_to_hub(tmp_path, "someone/denied", log=print)
+    assert "upload failed (403 Forbidden for token ***)" in str(exc.value) and token not in str(exc.value)
+    assert token not in capsys.readouterr().out
 
 
 def test_help_lists_every_flag_with_its_default(capsys):

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 
+from conftest import report_results
 from medpeft.evaluation import (bootstrap_ci, generate_answers, macro_f1, parse_choice, score_options,
                                 text_metrics, token_f1)
 from medpeft.modeling import load_tokenizer
@@ -148,27 +149,7 @@ def test_a_failing_method_is_reported_not_fatal(tiny_model, tmp_path, monkeypatc
 def test_report_is_made_from_the_results_file_alone(tmp_path):
     from medpeft.report import main
 
-    results = {
-        "test_data": "t.json", "test_items": 3, "choice_items": 2, "created": "now",
-        "models": {
-            "base": {"name": "base", "status": "ok", "loss": {"loss": 2.0, "perplexity": 7.39,
-                                                              "perplexity_ci": [6.5, 8.2]},
-                     "choice": {"accuracy_loglik": 0.5, "accuracy_loglik_ci": [0.0, 1.0], "accuracy_generate": 0.5,
-                                "unparseable_rate": 0.0},
-                     "generation": {"rougeL": 0.2, "rougeL_ci": [0.1, 0.3], "bleu": 3.0, "token_f1": 0.25},
-                     "efficiency": {"latency_s_per_answer": 0.5, "generated_tokens_per_s": 20.0},
-                     "samples": [{"question": "Q1?", "reference": "R1", "answer": "base says <b>"}]},
-            "qlora": {"name": "qlora", "status": "ok", "loss": {"loss": 1.0, "perplexity": 2.72},
-                      "choice": {"accuracy_loglik": 1.0, "accuracy_loglik_ci": [1.0, 1.0], "accuracy_generate": 1.0,
-                                 "unparseable_rate": 0.0, "gain_vs_base": 0.5, "gain_vs_base_ci": [0.0, 1.0],
-                                 "gain_significant": False},
-                      "generation": {"rougeL": 0.6, "rougeL_ci": [0.5, 0.7], "bleu": 30.0, "token_f1": 0.7},
-                      "efficiency": {"trainable_parameters": 1000, "size_bytes": 2**20, "train_runtime_s": 12.0,
-                                     "train_tokens_per_s": 100.0, "peak_memory_gb": 1.5},
-                      "training": {"loss_curve": [{"step": 1, "loss": 3.0}, {"step": 2, "loss": 2.0}]},
-                      "samples": [{"question": "Q1?", "reference": "R1", "answer": "tuned says R1"}]},
-            "ptuning": {"name": "ptuning", "status": "failed", "error": "training failed: boom"},
-        }}
+    results = report_results()
     path = tmp_path / "evaluation_results.json"
     path.write_text(json.dumps(results))
     assert main([str(path)]) == 0

@@ -73,6 +73,8 @@ def test_every_output_has_a_model_card(outputs, tiny_model):
         card = (Path(path) / "README.md").read_text()
         assert "Not medical advice" in card and tiny_model in card
         assert "validation loss" in card and "## Intended use and limits" in card and "sha256" in card
+        assert card.startswith("---\nbase_model: ") and "training logs: `logs/`" in card
+        assert any(f.name.startswith("events.out.tfevents") for f in (Path(path) / "logs").iterdir())
 
 
 def test_generate_answers_every_question_of_a_file(outputs, tmp_path):
