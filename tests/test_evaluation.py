@@ -70,8 +70,21 @@ class PreferringModel(torch.nn.Module):
         with torch.no_grad():
             self.bias[list(favoured)] = 5.0
 
-    def forward(self, input_ids, attention_mask=None):
-        return type("Out", (), {"logits": self.bias.expand(*input_ids.shape, -1)})()
+    def forward(self, input_ids, attention_mask=None, past_key_values=None, use_cache=None, position_ids=None,
+                logits_to_keep=0):
+        logits = self.bias.expand(*input_ids.shape, -1)[:, -logits_to_keep:]
+        return type("Out", (), {"logits": logits, "past_key_values": past_key_values or FakeCache(input_ids)})()
+
+
+class FakeCache:
+    def __init__(self, input_ids):
+        self.length = input_ids.shape[1]
+
+    def get_seq_length(self):
+        return self.length
+
+    def reorder_cache(self, index):
+        pass
 
 
 def test_option_scoring_picks_the_option_the_model_prefers(tiny_model):
@@ -81,7 +94,7 @@ def test_option_scoring_picks_the_option_the_model_prefers(tiny_model):
               "options": {"A": "Vitamin A", "B": "Vitamin C", "C": "Iron"}, "label": "B"}
     other = dict(record, options={"A": "Iron", "B": "Zinc", "C": "Vitamin C", "D": "Vitamin A"}, label="C")
     favoured = set(tok("Vitamin C", add_special_tokens=False)["input_ids"])
-    first, second = score_options(PreferringModel(len(tok), favoured), tok, [record, other], batch_size=3)
+    first, second = score_options(PreferringModel(len(tok), favoured), tok, [record, other])
     assert max(first, key=first.get) == "B" and max(second, key=second.get) == "C"  # same text, other letter
     favoured = set(tok("Iron", add_special_tokens=False)["input_ids"]) | set(tok("A", add_special_tokens=False)[
         "input_ids"])  # a preferred letter alone does not win: only the option text is scored

@@ -152,3 +152,47 @@ def test_lora_output_is_a_standard_peft_adapter(outputs):
         # the key layout serving engines (vLLM, TGI) read: base_model.model.<module path>.lora_{A,B}.weight
         assert keys and all(k.startswith("base_model.model.") and k.endswith((".lora_A.weight", ".lora_B.weight"))
                             for k in keys)
+
+
+@pytest.mark.parametrize("name", ["qlora", "lora", "adapter", "ptuning"])
+def test_option_scores_with_a_shared_prompt_cache_equal_scoring_each_option_alone(outputs, processed, name):
+    """score_options runs each prompt once and continues every option from its cache; scoring each option
+    with the whole prompt in its own forward pass gives the same numbers."""
+    from medpeft.data import load_split
+    from medpeft.evaluation import _prompt, score_options
+    from medpeft.training import load_trained
+
+    model, tok, _ = load_trained(outputs[name], device="cpu")
+    tolerance = 1e-2 if name == "qlora" else 1e-4  # 4-bit layers compute in bf16: other shapes, other rounding
+    records = [r for r in load_split(processed, "test") if r["options"]][:6]
+    assert len(records) == 6
+    fast = score_options(model, tok, records, batch_size=4)  # two batches, of 4 and 2 records
+    with torch.no_grad():
+        for record, scores in zip(records, fast):
+            prompt = _prompt(tok, record)
+            head = tok(prompt, add_special_tokens=False)["input_ids"]
+            for letter, text in record["options"].items():
+                ids = tok(prompt + text, add_special_tokens=False)["input_ids"]
+                start = next((i for i, (a, b) in enumerate(zip(head, ids)) if a != b), len(head))
+                logits = model(input_ids=torch.tensor([ids])).logits[0, -len(ids):]
+                logprobs = torch.log_softmax(logits[start - 1:-1].float(), dim=-1)
+                alone = float(logprobs.gather(-1, torch.tensor(ids[start:])[:, None]).mean())
+                assert abs(scores[letter] - alone) < tolerance, (letter, scores[letter], alone)
+
+
+@pytest.mark.parametrize("name, tolerance", [("lora", 1e-5), ("qlora", 2e-3)])
+def test_lora_evaluated_merged_on_the_cpu_scores_as_trained(outputs, processed, name, tolerance):
+    """The CPU evaluation folds LoRA into the (dequantized) base for speed: the answer loss barely moves."""
+    from types import SimpleNamespace
+
+    from medpeft.data import answer_examples, load_split
+    from medpeft.evaluation import _merge_for_evaluation, answer_loss
+    from medpeft.training import load_trained
+
+    model, tok, _ = load_trained(outputs[name], device="cpu", dequantize=True)
+    records = load_split(processed, "test")[:24]
+    examples = answer_examples(tok, records, 256)
+    as_trained = answer_loss(model, examples, tok.pad_token_id, 8)["loss"]
+    merged, speed = _merge_for_evaluation(model, tok, records, SimpleNamespace(batch_size=8, max_new_tokens=3))
+    assert not hasattr(merged, "peft_config") and speed["unmerged_latency_s_per_answer"] > 0
+    assert abs(answer_loss(merged, examples, tok.pad_token_id, 8)["loss"] - as_trained) < tolerance * as_trained
