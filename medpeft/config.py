@@ -51,6 +51,9 @@ class PrepareConfig:
     max_rows: int = opt(-1, "read at most this many rows (-1 = all)")
     debug: int = opt(0, "print this many processed examples with their tokens coloured by label mask")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    phi: str = opt("warn", "screen for likely patient identifiers (e-mail, phone, SSN, record number, date of birth, "
+                           "date, street address): warn = count them per column, redact = replace them with "
+                           "[TYPE] placeholders, off", ["warn", "redact", "off"])
 
     def validate(self) -> list[str]:
         problems = []
@@ -97,6 +100,13 @@ class TrainConfig:
     tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
     liger: str = opt("auto", "Liger Triton kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE "
                              "(auto = on CUDA when liger-kernel is installed)", ["auto", "on", "off"])
+    save_steps: int = opt(100, "save a checkpoint (trainable weights, optimizer, scheduler, RNG, data position) "
+                               "every N steps into OUTPUT_DIR.checkpoints; 0 = none")
+    resume_from_checkpoint: str = opt("", "continue a killed run: 'auto' = the newest complete checkpoint of this "
+                                          "--output_dir (fresh start when there is none), or a checkpoint folder")
+    keep_checkpoints: bool = opt(False, "keep OUTPUT_DIR.checkpoints after the run succeeds (deleted by default)")
+    auto_batch_size: bool = opt(False, "on out-of-memory, halve the micro-batch and double gradient accumulation "
+                                       "until a step fits (the effective batch stays the same)")
     report_to: str = opt("tensorboard", "training logs, comma-separated: tensorboard (event files in OUTPUT_DIR/logs, "
                                         "offline), wandb (when installed), or none")
     push_to_hub: str = opt("", "after saving, upload the output directory to this Hugging Face repository "
@@ -114,6 +124,8 @@ class TrainConfig:
             problems.append(f"--report_to must be tensorboard, wandb, both comma-separated, or none; got '{self.report_to}'")
         if self.push_to_hub and self.push_to_hub.count("/") > 1:
             problems.append(f"--push_to_hub must be a repository id like 'user/name', got '{self.push_to_hub}'")
+        if self.save_steps < 0:
+            problems.append(f"--save_steps must be 0 or positive, got {self.save_steps}")
         if self.tokens_per_batch < 0:
             problems.append(f"--tokens_per_batch must be 0 or positive, got {self.tokens_per_batch}")
         for name in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
@@ -250,8 +262,25 @@ def as_dict(*instances) -> dict[str, Any]:
     return out
 
 
+def atomic_write(path: Path, data: str | bytes) -> None:
+    """Write to a temporary file beside `path`, then rename it into place: a crash leaves the old file or none,
+    never half of the new one."""
+    import os
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        if isinstance(data, bytes):
+            tmp.write_bytes(data)
+        else:
+            tmp.write_text(data, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write_json(path: Path, data) -> None:
-    path.write_text(json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n", encoding="utf-8")
+    atomic_write(path, json.dumps(data, indent=2, ensure_ascii=False, default=str) + "\n")
 
 
 @dataclass

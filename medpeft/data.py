@@ -86,6 +86,9 @@ def _json_rows(path: Path, max_rows: int):
         raise UsageError(f"{path}: the file is empty; expected a JSON list of records")
     try:
         data = json.loads(text)
+    except RecursionError:
+        raise UsageError(f"{path}: JSON nested too deeply to read (thousands of levels); records are objects of "
+                         "named fields") from None
     except json.JSONDecodeError as exc:
         if text.lstrip().startswith("{") and exc.msg == "Extra data":
             return _jsonl_rows(path, max_rows)  # JSON Lines saved with a .json suffix
@@ -118,6 +121,9 @@ def _jsonl_rows(path: Path, max_rows: int):
                     continue
                 try:
                     rec = json.loads(line)
+                except RecursionError:
+                    raise UsageError(f"{path}: line {n} is JSON nested too deeply to read (thousands of levels); "
+                                     "fix or delete that line") from None
                 except json.JSONDecodeError as exc:
                     raise UsageError(f"{path}: line {n} is not valid JSON ({exc.msg} at column {exc.colno}); "
                                      "fix or delete that line") from exc
@@ -585,6 +591,25 @@ def publish_dir(tmp: Path, target: Path, marker: str) -> None:
         os.replace(tmp, target)
 
 
+def _screen_phi(rows: list[dict], mode: str, log) -> dict | None:
+    """--phi: count likely patient identifiers per column (warn), or replace them in the rows (redact)."""
+    if mode == "off":
+        return None
+    from . import phi
+
+    columns = list(dict.fromkeys(k for r in rows[:1000] for k in r if k != "split"))
+    found = phi.screen_rows(rows, columns, mode)
+    if not found:
+        log(f"patient data screen (--phi {mode}): no likely identifiers (e-mail, phone, SSN, record number, "
+            "date of birth, date, street address)")
+    elif mode == "redact":
+        log(f"patient data screen (--phi redact): replaced {phi.summary(found)}")
+    else:
+        log(f"patient data screen (--phi warn): likely identifiers in {phi.summary(found)}; check the data has "
+            "consent or is de-identified, or pass --phi redact to replace them with placeholders")
+    return found
+
+
 def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     """Read, convert, de-duplicate, split, measure and write a processed dataset. Returns the metadata."""
     from . import __version__
@@ -598,6 +623,7 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
         raise UsageError(f"--group_by: column '{cfg.group_by}' not found; columns are: {', '.join(rows[0])}")
     schema = detect_schema(rows, cfg)
     log(f"read {len(rows)} rows from {cfg.input_data}; schema: {schema.kind} {schema.describe()}")
+    phi_found = _screen_phi(rows, cfg.phi, log)
 
     dropped: Counter = Counter()
     records, seen = [], set()
@@ -659,7 +685,7 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
                    "truncated": sum(r["_tok"]["truncated"] for r in kept),
                    "padding_efficiency_at_max_length": round(
                        sum(min(n, cfg.max_length) for n in n_tokens) / (len(n_tokens) * cfg.max_length), 3)},
-        "seconds": None, "fingerprint": fingerprint,
+        "phi": {"mode": cfg.phi, "found": phi_found}, "seconds": None, "fingerprint": fingerprint,
     }
     out = Path(cfg.output_dir)
     out.parent.mkdir(parents=True, exist_ok=True)

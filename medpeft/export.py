@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from .config import atomic_write
 from .errors import UsageError
 
 DISCLAIMER = ("**Not medical advice.** This model is a research artefact. Its answers can be wrong, outdated or "
@@ -168,7 +169,7 @@ def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, eval
               "evaluated for clinical safety. Not for use with patients.", "",
               "## Loading", "", _loading_hint(run), ""]
     path = Path(out_dir) / "README.md"
-    path.write_text("\n".join(x for x in lines if x is not None) + "\n", encoding="utf-8")
+    atomic_write(path, "\n".join(x for x in lines if x is not None) + "\n")
     return path
 
 

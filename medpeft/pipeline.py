@@ -5,7 +5,8 @@
 
 Layout under --output_root: processed_data/, models/<method>/, evaluation_results.json, report.md, report.html.
 A stage is skipped when its output is complete and was made from the same settings and inputs (a fingerprint
-stored in the output); a method that fails is reported as failed and the others go on.
+stored in the output); a training stage that was killed resumes from its newest checkpoint; a method that fails
+is reported as failed and the others go on.
 """
 
 from __future__ import annotations
@@ -95,7 +96,8 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
         method = methods.get(name)
         settings = dict(method.DEFAULTS, model_name=cfg.model_name, data_path=str(data_dir),
                         output_dir=str(models_dir / name), num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
-                        max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed, dtype=cfg.dtype)
+                        max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed, dtype=cfg.dtype,
+                        resume_from_checkpoint="auto")  # a run killed mid-training goes on from its checkpoint
         settings.update((method_overrides or {}).get(name, {}))
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
         train_cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
@@ -111,7 +113,7 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
             continue
         log(f"[2/3] train {name} ({i}/{len(names)}) -> {out}")
         try:
-            train(name, train_cfg, opts, log=log, fingerprint=fp)
+            train(name, train_cfg, opts, log=log, fingerprint=fp, discard_stale_checkpoints=True)
             trained[name] = str(out)
         except UsageError:
             raise  # bad settings or data: every method would fail the same way

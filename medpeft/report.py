@@ -12,6 +12,8 @@ import json
 import sys
 from pathlib import Path
 
+from .config import atomic_write
+
 COLUMNS = [  # (header, getter)
     ("model", lambda e: e["name"]),
     ("status", lambda e: e["status"] if e["status"] == "ok" else f"failed: {e['error']}"),
@@ -231,7 +233,7 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
           "|" + "---|" * len(headers)]
     md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
     for name, data in figures.items():
-        (files / f"{name}.png").write_bytes(data)
+        atomic_write(files / f"{name}.png", data)
         md += ["", f"![{name}](report_files/{name}.png)"]
     choosing = recommend_lines(results)
     md += ["", "## Choosing a method", ""] + choosing
@@ -242,7 +244,7 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
             md += [f"**Q:** {row['question']}", "", f"- *reference*: {row['reference']}"]
             md += [f"- *{k}*: {v}" for k, v in row.items() if k not in ("question", "reference")] + [""]
     md_path = out_dir / "report.md"
-    md_path.write_text("\n".join(md) + "\n", encoding="utf-8")
+    atomic_write(md_path, "\n".join(md) + "\n")
 
     esc = html.escape
     table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" + "".join(
@@ -262,7 +264,7 @@ img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
 <h2>Answers side by side</h2>{sample_html}
 <p><small>Synthetic or research data; not medical advice.</small></p></body></html>"""
     html_path = out_dir / "report.html"
-    html_path.write_text(page, encoding="utf-8")
+    atomic_write(html_path, page)  # last: a report.html is there only once every part of it is
     return md_path, html_path
 
 

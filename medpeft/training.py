@@ -12,6 +12,8 @@ Output directory (written to a temporary folder, renamed into place when complet
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import importlib.util
 import json
 import os
@@ -29,7 +31,7 @@ import torch
 from . import methods
 from .config import as_dict, write_json
 from .data import PadCollator, answer_examples, load_split, publish_dir
-from .errors import UsageError
+from .errors import TrainingStopped, UsageError
 from .evaluation import answer_loss
 from .export import write_model_card
 from .modeling import (default_device, load_model, load_tokenizer, pin_4bit_layout, prepare_kbit, resolve_dtype,
@@ -233,6 +235,170 @@ def _close_loggers(trainer) -> None:
             callback.tb_writer = None
 
 
+CHECKPOINT_IDENTITY = "medpeft_checkpoint.json"
+CHECKPOINT_COMPLETE = "medpeft_complete"
+TRAINABLE_FILE = "trainable.safetensors"
+
+
+def token_budget(cfg) -> int:
+    return cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
+
+
+def checkpoint_dir(output_dir) -> Path:
+    out = Path(output_dir)
+    return out.with_name(out.name + ".checkpoints")
+
+
+def _out_of_memory(exc: BaseException) -> bool:
+    from accelerate.utils.memory import should_reduce_batch_size
+
+    return isinstance(exc, torch.OutOfMemoryError) or should_reduce_batch_size(exc)
+
+
+def _disk_full(exc: BaseException) -> bool:
+    while exc is not None:
+        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """Checkpoint folders whose save finished (marker written after the Trainer's save returned), oldest first."""
+    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if root.is_dir() else []
+    return sorted((p for p in found if (p / CHECKPOINT_COMPLETE).is_file()), key=lambda p: int(p.name.split("-")[-1]))
+
+
+def drop_incomplete_checkpoints(root: Path) -> list[Path]:
+    dropped = [p for p in root.glob("checkpoint-*") if not (p / CHECKPOINT_COMPLETE).is_file()] if root.is_dir() else []
+    for p in dropped:
+        shutil.rmtree(p, ignore_errors=True)
+    return dropped
+
+
+def find_checkpoint(cfg, identity: dict, log=print, discard_stale: bool = False) -> Path | None:
+    """The checkpoint --resume_from_checkpoint names ('auto': the newest complete one of this --output_dir),
+    refusing one made by a run with other settings or data (or, with `discard_stale`, deleting those)."""
+    if cfg.resume_from_checkpoint == "auto":
+        root = checkpoint_dir(cfg.output_dir)
+        drop_incomplete_checkpoints(root)
+        found = complete_checkpoints(root)
+        if not found:
+            return None
+        path = found[-1]
+    else:
+        path = Path(cfg.resume_from_checkpoint)
+        if not (path / CHECKPOINT_COMPLETE).is_file():
+            raise UsageError(f"--resume_from_checkpoint: '{path}' is not a complete medpeft checkpoint "
+                             f"(no {CHECKPOINT_COMPLETE}); pass 'auto' to take the newest complete one")
+        root = path.parent
+    saved_path = root / CHECKPOINT_IDENTITY
+    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
+    differences = [f"{k} {saved.get('settings', {}).get(k)!r} vs {v!r}" for k, v in identity["settings"].items()
+                   if saved.get("settings", {}).get(k) != v]
+    for key in ("method", "train_examples"):
+        if saved.get(key) != identity[key]:
+            differences.insert(0, f"{key} {saved.get(key)!r} vs {identity[key]!r}")
+    if differences and discard_stale and cfg.resume_from_checkpoint == "auto":
+        log(f"checkpoints in {root} were made with other settings or data ({'; '.join(differences[:2])}): removed")
+        shutil.rmtree(root, ignore_errors=True)
+        return None
+    if differences:
+        raise UsageError(f"--resume_from_checkpoint: '{path}' was made by a run with other settings or data "
+                         f"({'; '.join(differences[:4])}); use the same settings, or delete {root} to start over")
+    return path
+
+
+def trainable_state(model) -> dict:
+    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def load_trainable(model, path: Path) -> None:
+    from safetensors.torch import load_file
+
+    saved = load_file(str(path))
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if set(saved) != set(params):
+        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
+        raise UsageError(f"checkpoint '{path.parent}' does not fit this model (missing {missing[:3]}, "
+                         f"unexpected {extra[:3]}); delete it to start over")
+    with torch.no_grad():
+        for name, p in params.items():
+            p.copy_(saved[name].to(p.device, p.dtype))
+
+
+def _mark_complete_callback():
+    from transformers import TrainerCallback
+
+    class MarkComplete(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            if state.is_world_process_zero:
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if folder.is_dir():
+                    (folder / CHECKPOINT_COMPLETE).write_text("complete\n", encoding="utf-8")
+
+    return MarkComplete()
+
+
+def _seeded_length_sampler(sampler, seed: int):
+    """Trainer's length-grouped order drawn from (seed, epoch) instead of the global RNG, so that a run resumed
+    mid-epoch sees the same batches as one that was never interrupted."""
+    from transformers.trainer_pt_utils import get_length_grouped_indices
+
+    class Seeded(type(sampler)):
+        epoch = 0
+
+        def set_epoch(self, epoch):
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    sampler.__class__ = Seeded
+    return sampler
+
+
+@functools.lru_cache(maxsize=1)
+def _trainer_class():
+    from transformers import Trainer
+
+    class MedpeftTrainer(Trainer):
+        """Checkpoints hold the trainable weights only, in one format for every method (peft's own save keeps
+        P-Tuning's virtual tokens but not the encoder that makes them); a loss that is not finite stops at once."""
+
+        def _get_train_sampler(self, train_dataset=None):
+            sampler = super()._get_train_sampler(train_dataset)
+            if self.args.group_by_length:  # its order must not depend on the RNG state, or a resume reorders data
+                return _seeded_length_sampler(sampler, self.args.seed)
+            return sampler
+
+        def _save(self, output_dir=None, state_dict=None):
+            from safetensors.torch import save_file
+
+            out = Path(output_dir or self.args.output_dir)
+            out.mkdir(parents=True, exist_ok=True)
+            save_file(trainable_state(self.model), str(out / TRAINABLE_FILE))
+
+        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+            load_trainable(model or self.model, Path(resume_from_checkpoint) / TRAINABLE_FILE)
+
+        def training_step(self, model, inputs, num_items_in_batch=None):
+            loss = super().training_step(model, inputs, num_items_in_batch)
+            if not bool(torch.isfinite(loss).all()):
+                step = self.state.global_step + 1
+                good = complete_checkpoints(Path(self.args.output_dir))
+                kept = (f"the last good checkpoint is {good[-1]} (step {good[-1].name.split('-')[-1]})" if good
+                        else "no checkpoint was saved before it (see --save_steps)")
+                raise TrainingStopped(
+                    f"training stopped at step {step}: the loss is {float(loss):g}. Likely causes: a learning rate "
+                    f"too high (--learning_rate {self.args.learning_rate:g}; try a tenth), an example that is empty "
+                    f"or corrupt, or overflow in 16-bit arithmetic (--dtype float32); {kept}")
+            return loss
+
+    return MedpeftTrainer
+
+
 @dataclass
 class TrainingRun:
     """Everything `train` sets up, kept apart so that tests can look between the stages."""
@@ -249,6 +415,7 @@ class TrainingRun:
     staging: Path
     log: object = print
     fingerprint: str | None = None  # set by the pipeline to recognise an up-to-date output
+    discard_stale_checkpoints: bool = False  # the pipeline: checkpoints of other settings are deleted, not refused
 
     @property
     def method(self):
@@ -271,7 +438,7 @@ class TrainingRun:
             packing = False
         speed = {"packing": packing}
         if packing:
-            budget = cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
+            budget = token_budget(cfg)
             groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget, cfg.seed)
             data = [[self.train_examples[i] for i in g] for g in groups]
             collator, batch_size = PackedCollator(), 1
@@ -292,63 +459,44 @@ class TrainingRun:
         return data, collator, batch_size, speed
 
     def fit(self) -> dict:
-        from accelerate.state import AcceleratorState
-        from transformers import Trainer, TrainingArguments
-
         cfg, device = self.cfg, self.ctx.device
         trainable, total = count_parameters(self.model)
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
         with self.method.disabled(self.model):
             base_val = self.validation_loss("base validation")
         self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
-
-        train_data, collator, batch_size, speed = self._batches()
-        self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
-        # accelerate keeps one process-wide state: without a reset, a second run in the same process
-        # (run_all, tests) inherits the first run's mixed precision.
-        AcceleratorState._reset_state(reset_partial_state=True)
-        use_bf16 = cfg.load_in_4bit or resolve_dtype(cfg.dtype, device) == torch.bfloat16
-        args = TrainingArguments(
-            output_dir=str(self.ctx.work_dir / "trainer"), num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
-            per_device_train_batch_size=batch_size, per_device_eval_batch_size=cfg.batch_size,
-            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
-            lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
-            eval_steps=cfg.eval_steps or None, save_strategy="no", report_to=reporters(cfg.report_to),
-            logging_dir=str(self.staging / "logs"), seed=cfg.seed,
-            bf16=use_bf16, use_cpu=device == "cpu",
-            optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
-            remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
-            group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
-            gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
-        )
-        # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
-        # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
-        quantized_non_peft = getattr(self.model, "is_quantized", False) and not hasattr(self.model, "peft_config")
-        if quantized_non_peft:
-            self.model.is_quantized = False
-        try:
-            trainer = Trainer(model=self.model, args=args, train_dataset=train_data,
-                              eval_dataset=self.val_examples if cfg.eval_steps else None, data_collator=collator,
-                              callbacks=[(timer := _StepTimer(collator, device)).callback])
-        finally:
-            if quantized_non_peft:
-                self.model.is_quantized = True
-        from transformers.trainer_callback import ProgressCallback
-
-        trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_progress_callback(collator))
-        trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
-        if device == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        sampler = RssSampler() if device == "cpu" else None
-        t0 = time.time()
-        try:
-            result = trainer.train()
-        finally:
-            if self._attention is not None:
-                restore_attention(self.model, self._attention)
-        runtime = time.time() - t0
+        resume = (find_checkpoint(cfg, self._checkpoint_identity(), self.log, self.discard_stale_checkpoints)
+                  if cfg.resume_from_checkpoint else None)
+        if cfg.resume_from_checkpoint and resume is None:
+            self.log(f"no complete checkpoint in {checkpoint_dir(cfg.output_dir)}: starting from step 0")
+        elif resume:
+            self.log(f"resuming from {resume}")
+        while True:
+            try:
+                trainer, result, runtime, collator, speed, timer, sampler = self._train(base_val, resume)
+                break
+            except Exception as exc:  # noqa: BLE001 - sorted below: out of memory, disk full, or not ours
+                if not _out_of_memory(exc):
+                    if _disk_full(exc):
+                        drop_incomplete_checkpoints(checkpoint_dir(cfg.output_dir))
+                        raise TrainingStopped(
+                            f"disk full while saving a checkpoint in {checkpoint_dir(cfg.output_dir)}: free space "
+                            "or raise --save_steps; the last complete checkpoint is kept, resume with "
+                            "--resume_from_checkpoint auto") from None
+                    raise
+                if not cfg.auto_batch_size or cfg.batch_size == 1:
+                    raise TrainingStopped(
+                        f"out of {'GPU' if device == 'cuda' else 'CPU'} memory at --batch_size {cfg.batch_size}: "
+                        "lower --batch_size and raise --gradient_accumulation_steps (the same effective batch), or "
+                        "pass --auto_batch_size; a 4-bit base (--load_in_4bit), --gradient_checkpointing and a "
+                        "shorter --max_length or --tokens_per_batch also save memory") from None
+                cfg = self.cfg = dataclasses.replace(
+                    cfg, batch_size=cfg.batch_size // 2, gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2,
+                    tokens_per_batch=token_budget(cfg) // 2)
+                self.log(f"out of memory: retrying with --batch_size {cfg.batch_size} "
+                         f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
+                if device == "cuda":
+                    torch.cuda.empty_cache()
         # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
         self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
         final_val = self.validation_loss("final validation")
@@ -360,7 +508,7 @@ class TrainingRun:
         return {
             "method": self.method_name, "model_name": cfg.model_name,
             "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
-            "train_loss": round(result.training_loss, 5),
+            "train_loss": round(result.training_loss, 5), "resumed_from": str(resume) if resume else None,
             "loss_curve": [{"step": h["step"], "loss": h["loss"], "learning_rate": h.get("learning_rate"),
                             "grad_norm": h.get("grad_norm")}
                            for h in history if "loss" in h],
@@ -378,6 +526,78 @@ class TrainingRun:
             "trainable_percent": round(100 * trainable / total, 4),
             "versions": library_versions(),
         }
+
+    def _checkpoint_identity(self) -> dict:
+        """What a checkpoint must share with this run to be resumed by it."""
+        skip = {"output_dir", "resume_from_checkpoint", "keep_checkpoints", "save_steps", "report_to",
+                "push_to_hub", "logging_steps", "auto_batch_size"}
+        settings = {k: v for k, v in as_dict(self.cfg, self.opts).items() if k not in skip}
+        settings["data_created"] = self.metadata.get("created")  # a re-prepared dataset is other data
+        return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
+
+    def _train(self, base_val: dict, resume: Path | None):
+        from accelerate.state import AcceleratorState
+        from transformers import TrainingArguments
+        from transformers.trainer_callback import ProgressCallback
+
+        cfg, device = self.cfg, self.ctx.device
+        train_data, collator, batch_size, speed = self._batches()
+        self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
+        # accelerate keeps one process-wide state: without a reset, a second run in the same process
+        # (run_all, tests) inherits the first run's mixed precision.
+        AcceleratorState._reset_state(reset_partial_state=True)
+        use_bf16 = cfg.load_in_4bit or resolve_dtype(cfg.dtype, device) == torch.bfloat16
+        checkpoints = checkpoint_dir(cfg.output_dir)
+        if cfg.save_steps:
+            checkpoints.mkdir(parents=True, exist_ok=True)
+            write_json(checkpoints / CHECKPOINT_IDENTITY, self._checkpoint_identity())
+        args = TrainingArguments(
+            output_dir=str(checkpoints), num_train_epochs=cfg.num_epochs, max_steps=cfg.max_steps,
+            per_device_train_batch_size=batch_size, per_device_eval_batch_size=cfg.batch_size,
+            gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
+            lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+            logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
+            eval_steps=cfg.eval_steps or None, save_strategy="steps" if cfg.save_steps else "no",
+            save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=reporters(cfg.report_to),
+            logging_dir=str(self.staging / "logs"), seed=cfg.seed,
+            bf16=use_bf16, use_cpu=device == "cpu",
+            optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+            remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
+            group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
+            gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
+        )
+        # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
+        # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
+        quantized_non_peft = getattr(self.model, "is_quantized", False) and not hasattr(self.model, "peft_config")
+        if quantized_non_peft:
+            self.model.is_quantized = False
+        try:
+            trainer = _trainer_class()(model=self.model, args=args, train_dataset=train_data,
+                                       eval_dataset=self.val_examples if cfg.eval_steps else None,
+                                       data_collator=collator,
+                                       callbacks=[(timer := _StepTimer(collator, device)).callback,
+                                                  _mark_complete_callback()])
+        finally:
+            if quantized_non_peft:
+                self.model.is_quantized = True
+        trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_progress_callback(collator))
+        trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        sampler = RssSampler() if device == "cpu" else None
+        t0 = time.time()
+        try:
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        except BaseException:
+            if sampler is not None:
+                sampler.stop()
+            raise
+        finally:
+            if self._attention is not None:
+                restore_attention(self.model, self._attention)
+                self._attention = None
+        return trainer, result, time.time() - t0, collator, speed, timer, sampler
 
     def save(self, metrics: dict) -> Path:
         out, staging = Path(self.cfg.output_dir), self.staging
@@ -439,6 +659,9 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
         f"base {cfg.model_name} on {device}{' (4-bit NF4)' if cfg.load_in_4bit else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in [*out.parent.glob(f".{out.name}.work-*"), *out.parent.glob(f".{out.name}.tmp-*")]:
+        log(f"removing {stale}, left by an earlier run that did not finish")  # killed: never renamed into place
+        shutil.rmtree(stale, ignore_errors=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     ctx = RunContext(cfg=cfg, resolved_model=resolved, device=device, work_dir=work,
@@ -453,13 +676,23 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
                        staging, log)
 
 
-def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None) -> dict:
+def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None,
+          discard_stale_checkpoints: bool = False) -> dict:
     """Train one method end to end; returns the metrics also written to metrics.json."""
     run = build(method_name, cfg, opts, log)
-    run.fingerprint = fingerprint
+    run.fingerprint, run.discard_stale_checkpoints = fingerprint, discard_stale_checkpoints
     try:
         metrics = run.fit()
-        out = run.save(metrics)
+        try:
+            out = run.save(metrics)
+        except OSError as exc:
+            if not _disk_full(exc):
+                raise
+            raise TrainingStopped(f"disk full while writing {cfg.output_dir}: nothing was put in place (the "
+                                  "previous output, if any, is untouched); free space and run again with "
+                                  "--resume_from_checkpoint auto") from None
+        if not cfg.keep_checkpoints:
+            shutil.rmtree(checkpoint_dir(cfg.output_dir), ignore_errors=True)
         if cfg.push_to_hub:
             from .export import push_to_hub
 
