@@ -374,6 +374,14 @@ def _merged_speed(model, tokenizer, records, cfg) -> dict:
     return _speed_of(model.merge_and_unload(), tokenizer, records, cfg, "merged") if _is_lora(model) else {}
 
 
+def _shape_differences(model_path: str, expected: dict, trust_remote_code: bool) -> str:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
+    return ", ".join(f"{k} {v} vs {getattr(config, k, None)}" for k, v in expected.items()
+                     if v != getattr(config, k, None))
+
+
 def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str | None = None) -> dict:
     """Evaluate the base model and every fine-tuned model given on the same test items; write the results."""
     import dataclasses
@@ -391,12 +399,15 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
     for name, path in targets[1:]:  # refuse a half-written, foreign or mismatched output before loading a model
         run = read_run(path)
         if run["method"] != name:
-            raise UsageError(f"--{name}_model: '{path}' holds a {run['method']} output, not {name}; pass it as "
-                             f"--{run['method']}_model")
+            raise UsageError(f"--{name}_model: '{path}' holds the output of {run['method']}, not {name}; pass it "
+                             f"as --{run['method']}_model")
         trained_on = run["settings"].get("model_name")
         if cfg.base_model != trained_on and resolved_base != run.get("resolved_model"):
-            raise UsageError(f"--{name}_model: '{path}' was trained on base model '{trained_on}', but --base_model "
-                             f"is '{cfg.base_model}'; compare it with the base it was trained on")
+            differences = _shape_differences(resolved_base, run.get("base_signature") or {}, cfg.trust_remote_code)
+            if differences:
+                raise UsageError(f"--{name}_model: '{path}' was trained on base model '{trained_on}', not on "
+                                 f"--base_model '{cfg.base_model}' ({differences}); compare it with its own base")
+            log(f"note: {name} was trained on '{trained_on}'; --base_model '{cfg.base_model}' has the same shape")
     n_choice = sum(bool(r.get("options")) for r in records)
     log(f"evaluating {len(targets)} models on {len(records)} test items ({n_choice} multiple choice)")
     results = {}

@@ -72,7 +72,7 @@ def merge(adapter_dir: str, output: str, log=print) -> dict:
 
     run = read_run(adapter_dir)
     if run["method"] in NOT_MERGEABLE:
-        raise UsageError(f"'{adapter_dir}' holds a {run['method']} model, which cannot be merged: "
+        raise UsageError(f"'{adapter_dir}' holds the output of {run['method']}, which cannot be merged: "
                          f"{NOT_MERGEABLE[run['method']]}")
     out = Path(output)
     if out.exists() and any(out.iterdir()):

@@ -255,10 +255,20 @@ def _out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, torch.OutOfMemoryError) or should_reduce_batch_size(exc)
 
 
-def _disk_full(exc: BaseException) -> bool:
+def _disk_full(exc: BaseException, folder: Path | None = None) -> bool:
+    """ENOSPC however the writer reports it: OSError, safetensors' "os error 28", or torch.save's bare
+    "file write failed" when the target's disk has next to nothing left."""
     while exc is not None:
+        text = str(exc)
         if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
             return True
+        if "No space left on device" in text or "os error 28" in text:
+            return True
+        if folder is not None and "write failed" in text:
+            try:
+                return shutil.disk_usage(folder).free < 64 * 2**20
+            except OSError:
+                return False
         exc = exc.__cause__ or exc.__context__
     return False
 
@@ -477,7 +487,7 @@ class TrainingRun:
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below: out of memory, disk full, or not ours
                 if not _out_of_memory(exc):
-                    if _disk_full(exc):
+                    if _disk_full(exc, checkpoint_dir(cfg.output_dir)):
                         drop_incomplete_checkpoints(checkpoint_dir(cfg.output_dir))
                         raise TrainingStopped(
                             f"disk full while saving a checkpoint in {checkpoint_dir(cfg.output_dir)}: free space "
@@ -685,12 +695,14 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
         metrics = run.fit()
         try:
             out = run.save(metrics)
-        except OSError as exc:
-            if not _disk_full(exc):
+        except Exception as exc:  # noqa: BLE001 - only a full disk is turned into a message
+            if not _disk_full(exc, Path(cfg.output_dir).parent):
                 raise
+            kept = complete_checkpoints(checkpoint_dir(cfg.output_dir))
+            again = (f"run again with --resume_from_checkpoint auto (checkpoint {kept[-1].name} is kept)" if kept
+                     else "run again")
             raise TrainingStopped(f"disk full while writing {cfg.output_dir}: nothing was put in place (the "
-                                  "previous output, if any, is untouched); free space and run again with "
-                                  "--resume_from_checkpoint auto") from None
+                                  f"previous output, if any, is untouched); free space and {again}") from None
         if not cfg.keep_checkpoints:
             shutil.rmtree(checkpoint_dir(cfg.output_dir), ignore_errors=True)
         if cfg.push_to_hub:
@@ -700,6 +712,9 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
         return metrics
     finally:
         run.cleanup()
+        root = checkpoint_dir(cfg.output_dir)
+        if root.is_dir() and not complete_checkpoints(root):  # nothing to resume from: no folder that says so
+            shutil.rmtree(root, ignore_errors=True)
 
 
 SIGNATURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",

@@ -181,8 +181,9 @@ def test_disk_full_while_saving_leaves_no_output(tiny_model, processed, tmp_path
     out = tmp_path / "m"
     code = run(train_argv("lora", tiny_model, processed, out, "--save_steps", "0"))
     err = error_line(capsys.readouterr().err)
-    assert code == 1 and err.startswith("error: disk full while writing")
+    assert code == 1 and err.startswith("error: disk full while writing") and err.endswith("free space and run again")
     assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".m.")]
+    assert not Path(f"{out}.checkpoints").exists()  # no empty checkpoint folder that suggests a resume
 
 
 def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(tiny_model, processed, tmp_path,

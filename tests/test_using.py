@@ -199,3 +199,21 @@ def test_lora_evaluated_merged_on_the_cpu_scores_as_trained(outputs, processed, 
     merged, speed = _merge_for_evaluation(model, tok, records, SimpleNamespace(batch_size=8, max_new_tokens=3))
     assert not hasattr(merged, "peft_config") and speed["unmerged_latency_s_per_answer"] > 0
     assert abs(answer_loss(merged, examples, tok.pad_token_id, 8)["loss"] - as_trained) < tolerance * as_trained
+
+
+def test_evaluation_refuses_an_output_of_another_method_or_base(outputs, processed, tmp_path, capsys, tiny_model):
+    from transformers import AutoConfig
+
+    argv = ["evaluate", "--base_model", tiny_model, "--test_data", f"{processed}/test.json",
+            "--output_file", str(tmp_path / "r.json")]
+    assert run([*argv, "--qlora_model", outputs["adapter"]]) == 2
+    assert "holds the output of adapter, not qlora; pass it as --adapter_model" in capsys.readouterr().err
+    other = tmp_path / "other-base"
+    config = AutoConfig.from_pretrained(tiny_model)
+    config.hidden_size, config.num_attention_heads = 32, 2
+    config.save_pretrained(other)
+    argv[2] = str(other)
+    assert run([*argv, "--adapter_model", outputs["adapter"]]) == 2
+    err = capsys.readouterr().err
+    assert "was trained on base model" in err and "(hidden_size 64 vs 32, num_attention_heads 4 vs 2)" in err, err
+    assert not (tmp_path / "r.json").exists()
