@@ -105,7 +105,7 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     settings = dict(model_name=ckpt, data_path="-", output_dir=tempfile.mkdtemp(prefix="bench-") + "/out",
                     max_steps=steps, batch_size=8, max_length=512, learning_rate=2e-4, logging_steps=1,
                     max_eval_samples=8, seed=seed, warmup_ratio=0.0, tokens_per_batch=tokens_per_batch,
-                    lr_scheduler_type="constant_with_warmup")
+                    lr_scheduler_type="constant_with_warmup", report_to="none", save_steps=0)
     settings.update(base)
     settings.update(overrides)
     cfg = TrainConfig(**settings)
@@ -124,14 +124,17 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     return metrics
 
 
-def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, padded_groups=False):
+def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, padded_groups=False, nproc=1):
     """run_ours in a fresh process: peak memory then counts this run alone (a model freed in the same process
-    can leave memory behind that inflates the next run's peak)."""
+    can leave memory behind that inflates the next run's peak). `nproc` > 1: that many data-parallel
+    processes, one per GPU (torch.distributed.run, as accelerate launch does)."""
     import subprocess
 
     spec = json.dumps({"name": name, "ckpt": ckpt, "steps": steps, "tokens_per_batch": tokens_per_batch,
                        "overrides": overrides, "seed": seed, "padded_groups": padded_groups})
-    proc = subprocess.run([sys.executable, __file__, "--one", spec], capture_output=True, text=True)
+    launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
+    proc = subprocess.run([sys.executable, *launcher, __file__, "--one", spec], capture_output=True, text=True,
+                          env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
     for line in proc.stdout.splitlines():
         if "RESULT " in line:
             return json.loads(line.split("RESULT ", 1)[1])
@@ -152,16 +155,20 @@ def main(argv=None):
     p.add_argument("--tokens_per_batch", type=int, default=4096)
     p.add_argument("--skip_plain", action="store_true")
     p.add_argument("--skip_check", action="store_true")
+    p.add_argument("--skip_single", action="store_true", help="no single-GPU table (with --num_gpus)")
     p.add_argument("--check_steps", type=int, default=50)
     p.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matrix rate of the card")
     p.add_argument("--variants", default="", help="extra runs, e.g. 'lora:checkpoint_share=0.5;adapter:liger=off'")
+    p.add_argument("--num_gpus", type=int, default=1, help="also run each method data-parallel on this many "
+                   "GPUs, against one GPU with the same effective batch (gradient accumulation 2 vs 1 each)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
     args = p.parse_args(argv)
     if args.one:
         spec = json.loads(args.one)
         m = run_ours(spec["name"], spec["ckpt"], spec["steps"], spec["tokens_per_batch"], spec["overrides"],
                      seed=spec["seed"], padded_groups=spec["padded_groups"], log=lambda *a: None)
-        print("RESULT " + json.dumps(m))
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("RESULT " + json.dumps(m))
         return
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import naive_baseline as plain
@@ -187,7 +194,10 @@ def main(argv=None):
         results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch)
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
-    runs = [(n, n, {}) for n in names]
+    if args.num_gpus > 1:
+        results["multi_gpu"] = multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus)
+        save(results)
+    runs = [(n, n, {}) for n in names] if not args.skip_single else []
     for spec in filter(None, args.variants.split(";")):
         name, _, kv = spec.partition(":")
         over = {}
@@ -216,6 +226,41 @@ def main(argv=None):
         save(results)
     table(results, names)
     print(f"wrote {save(results)}")
+
+
+def multi_gpu(names, ckpt, steps, tokens_per_batch, n):
+    """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch."""
+    out = {}
+    for name in names:
+        row = {}
+        for label, nproc in (("one", 1), ("many", n)):
+            try:
+                m = run_ours_isolated(name, ckpt, steps, tokens_per_batch, {"gradient_accumulation_steps": n},
+                                      seed=1, nproc=nproc)
+            except Exception as exc:  # keep the other rows
+                row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+                print(name, label, "FAILED", row[label]["error"], flush=True)
+                continue
+            row[label] = {"useful_tokens_per_s": m["steady_tokens_per_s"], "peak_gb_per_gpu": m["peak_memory_gb"],
+                          "step_s": m["steady_step_s"], "processes": m.get("processes"),
+                          "curve": [p["loss"] for p in m["loss_curve"]]}
+        if "error" not in row.get("one", {"error": 1}) and "error" not in row.get("many", {"error": 1}):
+            a, b = row["one"]["curve"], row["many"]["curve"]
+            rel = [abs(x - y) / x for x, y in zip(a, b)]
+            row.update(scaling=round(row["many"]["useful_tokens_per_s"] / row["one"]["useful_tokens_per_s"], 3),
+                       curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5))
+        out[name] = row
+        print(name, json.dumps({k: v for k, v in row.items() if k not in ("one", "many")}),
+              json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in row.items()
+                          if k in ("one", "many")}), flush=True)
+    print(f"\n| method | 1 GPU useful tok/s | {n} GPUs useful tok/s | scaling | peak GB per GPU (1 / {n}) "
+          "| loss curves max rel. diff |\n|---|---:|---:|---:|---|---:|")
+    for name, r in out.items():
+        if "scaling" in r:
+            print(f"| {name} | {r['one']['useful_tokens_per_s']:.0f} | {r['many']['useful_tokens_per_s']:.0f} | "
+                  f"{r['scaling']:.2f}x | {r['one']['peak_gb_per_gpu']} / {r['many']['peak_gb_per_gpu']} | "
+                  f"{r['curve_max_rel_diff']:.4f} ({r['curve_steps']} steps) |")
+    return out
 
 
 def save(results) -> Path:

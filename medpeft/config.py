@@ -107,6 +107,9 @@ class TrainConfig:
     keep_checkpoints: bool = opt(False, "keep OUTPUT_DIR.checkpoints after the run succeeds (deleted by default)")
     auto_batch_size: bool = opt(False, "on out-of-memory, halve the micro-batch and double gradient accumulation "
                                        "until a step fits (the effective batch stays the same)")
+    num_gpus: int = opt(1, "GPUs to train on: data-parallel processes through accelerate launch, one per GPU "
+                           "(gradient_accumulation_steps is divided among them when it can be, keeping the "
+                           "effective batch)")
     report_to: str = opt("tensorboard", "training logs, comma-separated: tensorboard (event files in OUTPUT_DIR/logs, "
                                         "offline), wandb (when installed), or none")
     push_to_hub: str = opt("", "after saving, upload the output directory to this Hugging Face repository "
@@ -124,6 +127,8 @@ class TrainConfig:
             problems.append(f"--report_to must be tensorboard, wandb, both comma-separated, or none; got '{self.report_to}'")
         if self.push_to_hub and self.push_to_hub.count("/") > 1:
             problems.append(f"--push_to_hub must be a repository id like 'user/name', got '{self.push_to_hub}'")
+        if self.num_gpus < 1:
+            problems.append(f"--num_gpus must be 1 or more, got {self.num_gpus}")
         if self.save_steps < 0:
             problems.append(f"--save_steps must be 0 or positive, got {self.save_steps}")
         if self.tokens_per_batch < 0:

@@ -194,7 +194,11 @@ def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = N
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
-    kwargs = dict(trust_remote_code=trust_remote_code, device_map={"": device}, use_safetensors=None)
+    placement = device
+    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one data-parallel process per GPU
+        placement = int(os.environ["LOCAL_RANK"])
+        torch.cuda.set_device(placement)
+    kwargs = dict(trust_remote_code=trust_remote_code, device_map={"": placement}, use_safetensors=None)
     if is_offline_path(resolved):
         kwargs["local_files_only"] = True
     if load_in_4bit:

@@ -184,8 +184,9 @@ class _StepTimer:
             return {}
         first = min(3, len(self.marks) // 4)
         (t0, r0, p0), (t1, r1, p1) = self.marks[first], self.marks[-1]
-        return {"steady_tokens_per_s": round((r1 - r0) / (t1 - t0), 1),
-                "steady_padded_tokens_per_s": round((p1 - p0) / (t1 - t0), 1),
+        real, padded = _sum_over_processes([r1 - r0, p1 - p0])
+        return {"steady_tokens_per_s": round(real / (t1 - t0), 1),
+                "steady_padded_tokens_per_s": round(padded / (t1 - t0), 1),
                 "steady_step_s": round((t1 - t0) / (len(self.marks) - 1 - first), 4),
                 "steady_steps": len(self.marks) - 1 - first}
 
@@ -240,6 +241,21 @@ CHECKPOINT_COMPLETE = "medpeft_complete"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _sum_over_processes(values: list[float]) -> list[float]:
+    """Totals over the data-parallel processes (each counts only its own share of the tokens)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def token_budget(cfg) -> int:
     return cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
 
@@ -291,7 +307,8 @@ def find_checkpoint(cfg, identity: dict, log=print, discard_stale: bool = False)
     refusing one made by a run with other settings or data (or, with `discard_stale`, deleting those)."""
     if cfg.resume_from_checkpoint == "auto":
         root = checkpoint_dir(cfg.output_dir)
-        drop_incomplete_checkpoints(root)
+        if is_main_process():
+            drop_incomplete_checkpoints(root)
         found = complete_checkpoints(root)
         if not found:
             return None
@@ -447,9 +464,14 @@ class TrainingRun:
                                  "use --packing off or auto")
             packing = False
         speed = {"packing": packing}
+        # micro-batches per optimizer step: an epoch's last step, when partial, would hold repeated examples on
+        # some processes (or fewer micro-batches on one): trimmed, so that 1 and N processes take the same steps
+        unit = int(os.environ.get("WORLD_SIZE", "1")) * cfg.gradient_accumulation_steps
         if packing:
             budget = token_budget(cfg)
             groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget, cfg.seed)
+            if unit > 1 and len(groups) > unit:
+                groups = groups[:len(groups) - len(groups) % unit]
             data = [[self.train_examples[i] for i in g] for g in groups]
             collator, batch_size = PackedCollator(), 1
             self._attention = enable_varlen_attention(self.model)
@@ -457,6 +479,9 @@ class TrainingRun:
                          examples_per_micro_batch=round(len(self.train_examples) / len(groups), 2))
         else:
             data, collator, batch_size = self.train_examples, PadCollator(self.tokenizer.pad_token_id), cfg.batch_size
+            step = batch_size * unit
+            if unit > 1 and len(data) > step and len(data) % step:
+                data = data[:len(data) - len(data) % step]
         liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda" and self.method.LIGER
                                        and liger_available())
         if liger and not apply_liger(self.model, self.log, self.method.LIGER_FUSED_CE):
@@ -515,6 +540,8 @@ class TrainingRun:
         _close_loggers(trainer)
 
         history = trainer.state.log_history
+        real_tokens, padded_tokens = _sum_over_processes([collator.real_tokens, collator.padded_tokens])
+        steady = timer.steady()
         return {
             "method": self.method_name, "model_name": cfg.model_name,
             "steps": trainer.state.global_step, "epochs": round(trainer.state.epoch or 0, 3),
@@ -528,9 +555,9 @@ class TrainingRun:
             "validation_perplexity_final": final_val["perplexity"],
             "validation_examples": len(self.val_examples), "train_examples": len(self.train_examples),
             "train_runtime_s": round(runtime, 2),
-            "tokens_per_s": round(collator.real_tokens / runtime, 1),
-            "padded_tokens_per_s": round(collator.padded_tokens / runtime, 1),
-            "train_tokens": collator.real_tokens, "speed_settings": speed, **timer.steady(),
+            "tokens_per_s": round(real_tokens / runtime, 1), "padded_tokens_per_s": round(padded_tokens / runtime, 1),
+            "train_tokens": int(real_tokens), "speed_settings": speed, **steady,
+            "processes": int(os.environ.get("WORLD_SIZE", "1")),
             **peak_memory_gb(device, sampler), "device": device,
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
@@ -558,7 +585,7 @@ class TrainingRun:
         AcceleratorState._reset_state(reset_partial_state=True)
         use_bf16 = cfg.load_in_4bit or resolve_dtype(cfg.dtype, device) == torch.bfloat16
         checkpoints = checkpoint_dir(cfg.output_dir)
-        if cfg.save_steps:
+        if cfg.save_steps and is_main_process():
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(checkpoints / CHECKPOINT_IDENTITY, self._checkpoint_identity())
         args = TrainingArguments(
@@ -575,6 +602,7 @@ class TrainingRun:
             remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
             group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
+            ddp_find_unused_parameters=False,  # every trainable parameter takes part in every step
         )
         # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
         # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
@@ -669,11 +697,19 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
         f"base {cfg.model_name} on {device}{' (4-bit NF4)' if cfg.load_in_4bit else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in [*out.parent.glob(f".{out.name}.work-*"), *out.parent.glob(f".{out.name}.tmp-*")]:
-        log(f"removing {stale}, left by an earlier run that did not finish")  # killed: never renamed into place
-        shutil.rmtree(stale, ignore_errors=True)
-    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=out.parent))
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and cfg.gradient_accumulation_steps % world == 0:  # the same effective batch as on one GPU
+        cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // world)
+        log(f"{world} processes: --gradient_accumulation_steps {cfg.gradient_accumulation_steps} each")
+    elif world > 1:
+        log(f"{world} processes: the effective batch is {world} x --batch_size x --gradient_accumulation_steps")
+    if is_main_process():
+        for stale in [*out.parent.glob(f".{out.name}.work-*"), *out.parent.glob(f".{out.name}.tmp-*")]:
+            log(f"removing {stale}, left by an earlier run that did not finish")  # killed: never renamed
+            shutil.rmtree(stale, ignore_errors=True)
+    scratch = out.parent if is_main_process() else None  # other processes never write the output
+    work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=scratch))
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=scratch))
     ctx = RunContext(cfg=cfg, resolved_model=resolved, device=device, work_dir=work,
                      gradient_checkpointing=cfg.gradient_checkpointing and method.GRADIENT_CHECKPOINTING)
     try:
@@ -693,6 +729,8 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
     run.fingerprint, run.discard_stale_checkpoints = fingerprint, discard_stale_checkpoints
     try:
         metrics = run.fit()
+        if not is_main_process():
+            return metrics
         try:
             out = run.save(metrics)
         except Exception as exc:  # noqa: BLE001 - only a full disk is turned into a message
@@ -713,7 +751,7 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
     finally:
         run.cleanup()
         root = checkpoint_dir(cfg.output_dir)
-        if root.is_dir() and not complete_checkpoints(root):  # nothing to resume from: no folder that says so
+        if is_main_process() and root.is_dir() and not complete_checkpoints(root):  # nothing to resume from: no folder that says so
             shutil.rmtree(root, ignore_errors=True)
 
 
