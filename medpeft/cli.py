@@ -83,10 +83,10 @@ def cmd_train(argv, prog, method_name=None):
     cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS)
     if cfg.num_gpus > 1 and "LOCAL_RANK" not in os.environ:
         return launch_data_parallel(cfg.num_gpus, ["train", "--method", method_name, *argv])
-    from .training import train
+    from .training import is_main_process, train
 
     metrics = train(method_name, cfg, opts)
-    if int(os.environ.get("RANK", "0")) != 0:
+    if not is_main_process():
         return 0
     print(f"{method_name}: validation loss {metrics['validation_loss_base']:.4f} (base) -> "
           f"{metrics['validation_loss_final']:.4f} (tuned); {metrics['tokens_per_s']:.0f} tokens/s; "

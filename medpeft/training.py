@@ -245,6 +245,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def process_count() -> int:
+    """Data-parallel processes of this run (set by accelerate launch / torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def _sum_over_processes(values: list[float]) -> list[float]:
     """Totals over the data-parallel processes (each counts only its own share of the tokens)."""
     import torch.distributed as dist
@@ -466,7 +471,7 @@ class TrainingRun:
         speed = {"packing": packing}
         # micro-batches per optimizer step: an epoch's last step, when partial, would hold repeated examples on
         # some processes (or fewer micro-batches on one): trimmed, so that 1 and N processes take the same steps
-        unit = int(os.environ.get("WORLD_SIZE", "1")) * cfg.gradient_accumulation_steps
+        unit = process_count() * cfg.gradient_accumulation_steps
         if packing:
             budget = token_budget(cfg)
             groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget, cfg.seed)
@@ -557,7 +562,7 @@ class TrainingRun:
             "train_runtime_s": round(runtime, 2),
             "tokens_per_s": round(real_tokens / runtime, 1), "padded_tokens_per_s": round(padded_tokens / runtime, 1),
             "train_tokens": int(real_tokens), "speed_settings": speed, **steady,
-            "processes": int(os.environ.get("WORLD_SIZE", "1")),
+            "processes": process_count(),
             **peak_memory_gb(device, sampler), "device": device,
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
@@ -697,7 +702,7 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
         f"base {cfg.model_name} on {device}{' (4-bit NF4)' if cfg.load_in_4bit else ''}")
     out.parent.mkdir(parents=True, exist_ok=True)
-    world = int(os.environ.get("WORLD_SIZE", "1"))
+    world = process_count()
     if world > 1 and cfg.gradient_accumulation_steps % world == 0:  # the same effective batch as on one GPU
         cfg = dataclasses.replace(cfg, gradient_accumulation_steps=cfg.gradient_accumulation_steps // world)
         log(f"{world} processes: --gradient_accumulation_steps {cfg.gradient_accumulation_steps} each")
