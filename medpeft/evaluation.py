@@ -374,14 +374,6 @@ def _merged_speed(model, tokenizer, records, cfg) -> dict:
     return _speed_of(model.merge_and_unload(), tokenizer, records, cfg, "merged") if _is_lora(model) else {}
 
 
-def _shape_differences(model_path: str, expected: dict, trust_remote_code: bool) -> str:
-    from transformers import AutoConfig
-
-    config = AutoConfig.from_pretrained(model_path, trust_remote_code=trust_remote_code)
-    return ", ".join(f"{k} {v} vs {getattr(config, k, None)}" for k, v in expected.items()
-                     if v != getattr(config, k, None))
-
-
 def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str | None = None) -> dict:
     """Evaluate the base model and every fine-tuned model given on the same test items; write the results."""
     import dataclasses
@@ -391,7 +383,7 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
     from .config import write_json
     from .errors import UsageError
     from .modeling import default_device, load_model, load_tokenizer, resolve_dtype, resolve_model
-    from .training import library_versions, load_trained, read_run
+    from .training import library_versions, load_trained, read_run, signature_differences
 
     records = load_test_records(cfg.test_data, cfg.max_samples, cfg.seed)
     targets = [("base", cfg.base_model)] + [(m, getattr(cfg, f)) for m, f in METHOD_FLAGS if getattr(cfg, f)]
@@ -403,10 +395,14 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
                              f"as --{run['method']}_model")
         trained_on = run["settings"].get("model_name")
         if cfg.base_model != trained_on and resolved_base != run.get("resolved_model"):
-            differences = _shape_differences(resolved_base, run.get("base_signature") or {}, cfg.trust_remote_code)
+            from transformers import AutoConfig
+
+            differences = signature_differences(run.get("base_signature") or {}, AutoConfig.from_pretrained(
+                resolved_base, trust_remote_code=cfg.trust_remote_code))
             if differences:
                 raise UsageError(f"--{name}_model: '{path}' was trained on base model '{trained_on}', not on "
-                                 f"--base_model '{cfg.base_model}' ({differences}); compare it with its own base")
+                                 f"--base_model '{cfg.base_model}' ({', '.join(differences)}); compare it with "
+                                 "its own base")
             log(f"note: {name} was trained on '{trained_on}'; --base_model '{cfg.base_model}' has the same shape")
     n_choice = sum(bool(r.get("options")) for r in records)
     log(f"evaluating {len(targets)} models on {len(records)} test items ({n_choice} multiple choice)")

@@ -182,17 +182,22 @@ def _loading_hint(run: dict) -> str:
     return "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, DIR)\n```"
 
 
-def push_to_hub(out_dir: Path, repo_id: str, log=print) -> str:
-    """Upload a finished output directory to a private Hugging Face repository. The token comes from the
-    HF_TOKEN environment variable only (no cached login, no argument), and never appears in a message."""
+def hub_token(repo_id: str) -> str:
+    """The write token for --push_to_hub: from HF_TOKEN only (train checks it before training starts)."""
     import os
-
-    from huggingface_hub import HfApi
 
     token = os.environ.get("HF_TOKEN", "").strip()
     if not token:
-        raise UsageError(f"--push_to_hub {repo_id}: set HF_TOKEN in the environment (a write token); "
-                         f"the trained output is kept in {out_dir}")
+        raise UsageError(f"--push_to_hub {repo_id}: set HF_TOKEN in the environment (a write token)")
+    return token
+
+
+def push_to_hub(out_dir: Path, repo_id: str, log=print) -> str:
+    """Upload a finished output directory to a private Hugging Face repository. The token comes from the
+    HF_TOKEN environment variable only (no cached login, no argument), and never appears in a message."""
+    from huggingface_hub import HfApi
+
+    token = hub_token(repo_id)
     api = HfApi(token=token)
     try:
         api.create_repo(repo_id, private=True, exist_ok=True)

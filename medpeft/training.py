@@ -33,7 +33,7 @@ from .config import as_dict, write_json
 from .data import PadCollator, answer_examples, load_split, publish_dir
 from .errors import TrainingStopped, UsageError
 from .evaluation import answer_loss
-from .export import write_model_card
+from .export import hub_token, write_model_card
 from .modeling import (default_device, load_model, load_tokenizer, pin_4bit_layout, prepare_kbit, resolve_dtype,
                        resolve_model)
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
@@ -689,8 +689,8 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     out = Path(cfg.output_dir)
     _check_output_dir(out)
     reporters(cfg.report_to)  # a missing logger or token is found before the training, not after it
-    if cfg.push_to_hub and not os.environ.get("HF_TOKEN", "").strip():
-        raise UsageError(f"--push_to_hub {cfg.push_to_hub}: set HF_TOKEN in the environment (a write token)")
+    if cfg.push_to_hub:
+        hub_token(cfg.push_to_hub)
     set_seed(cfg.seed)
     device = default_device()
     resolved = resolve_model(cfg.model_name)
@@ -770,6 +770,11 @@ def base_signature(model) -> dict:
     return {k: getattr(config, k, None) for k in SIGNATURE_FIELDS}
 
 
+def signature_differences(expected: dict, config) -> list[str]:
+    """'field trained vs found' for each shape field of `expected` that `config` does not share."""
+    return [f"{k} {v} vs {getattr(config, k, None)}" for k, v in expected.items() if v != getattr(config, k, None)]
+
+
 def read_run(out_dir: str) -> dict:
     path = Path(out_dir) / CONFIG_FILE
     if not path.is_file():
@@ -798,8 +803,7 @@ def load_trained(out_dir: str, device: str | None = None, dequantize: bool = Fal
         base = prepare_kbit(base)
         if dequantize:
             base.dequantize()
-    expected, found = run.get("base_signature") or {}, base_signature(base)
-    differences = [f"{k} {expected[k]} vs {found[k]}" for k in expected if expected[k] != found.get(k)]
+    differences = signature_differences(run.get("base_signature") or {}, base.config)
     if differences:
         raise UsageError(f"the {run['method']} weights in '{out_dir}' do not fit base model "
                          f"'{settings['model_name']}': trained on another shape ({', '.join(differences)})")
