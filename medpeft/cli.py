@@ -81,35 +81,27 @@ def cmd_train(argv, prog, method_name=None):
         raise UsageError(f"{prog}: --method is required: one of {', '.join(methods.NAMES)}")
     method = methods.get(method_name)
     cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS)
+    if cfg.fsdp and not method.FSDP:
+        raise UsageError(f"{prog}: --fsdp shards LoRA training (method qlora); {method_name} trains on several GPUs "
+                         "data-parallel: drop --fsdp and keep --num_gpus")
+    if cfg.fsdp and cfg.num_gpus < 2 and "LOCAL_RANK" not in os.environ:
+        raise UsageError(f"{prog}: --fsdp splits the base over several GPUs: add --num_gpus N (N >= 2)")
     if cfg.num_gpus > 1 and "LOCAL_RANK" not in os.environ:
-        return launch_data_parallel(cfg.num_gpus, ["train", "--method", method_name, *argv])
-    from .training import is_main_process, train
+        from .distributed import launch
 
-    metrics = train(method_name, cfg, opts)
+        return launch(cfg.num_gpus, ["train", "--method", method_name, *argv], fsdp=cfg.fsdp)
+    from .distributed import is_main_process
+    from .training import train
+
+    # set by the pipeline when it launches a multi-GPU training stage (run_all.py --num_gpus)
+    fingerprint = os.environ.pop("MEDPEFT_STAGE_FINGERPRINT", None)
+    metrics = train(method_name, cfg, opts, fingerprint=fingerprint, discard_stale_checkpoints=bool(fingerprint))
     if not is_main_process():
         return 0
     print(f"{method_name}: validation loss {metrics['validation_loss_base']:.4f} (base) -> "
           f"{metrics['validation_loss_final']:.4f} (tuned); {metrics['tokens_per_s']:.0f} tokens/s; "
           f"peak memory {metrics['peak_memory_gb']:.2f} GB; {metrics['trainable_parameters']:,} trainable parameters")
     return 0
-
-
-def launch_data_parallel(num_gpus: int, argv: list[str]) -> int:
-    """Run this command again in `num_gpus` processes, one per GPU, through accelerate launch."""
-    import subprocess
-
-    import torch
-
-    found = torch.cuda.device_count() if torch.cuda.is_available() else 0
-    if found < num_gpus:
-        raise UsageError(f"--num_gpus {num_gpus}: {found} CUDA GPU(s) visible; lower --num_gpus or run on a "
-                         "machine with more GPUs")
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off: it fails on some shared machines
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(num_gpus),
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "medpeft.cli",
-               *argv]
-    return subprocess.run(command, env=env).returncode
 
 
 def print_summary(results: dict) -> None:

@@ -83,6 +83,9 @@ class TrainConfig:
     max_length: int = opt(512, "truncate examples to this many tokens")
     warmup_ratio: float = opt(0.03, "share of steps with linear learning-rate warm-up")
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    optim: str = opt("auto", "optimizer (auto = fused AdamW on a GPU, AdamW on a CPU; paged_adamw_8bit keeps its "
+                             "state in 8 bits: a quarter of the optimizer memory, one kernel per tensor)",
+                     ["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"])
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule", ["cosine", "linear", "constant_with_warmup"])
     eval_steps: int = opt(0, "evaluate on the validation split every N steps (0 = only before and after)")
     max_eval_samples: int = opt(256, "validation examples used for the loss (-1 = all)")
@@ -110,6 +113,8 @@ class TrainConfig:
     num_gpus: int = opt(1, "GPUs to train on: data-parallel processes through accelerate launch, one per GPU "
                            "(gradient_accumulation_steps is divided among them when it can be, keeping the "
                            "effective batch)")
+    fsdp: bool = opt(False, "with --num_gpus N: shard the 4-bit base, LoRA weights, gradients and optimizer state "
+                            "over the GPUs (FSDP, method qlora), for a base too large for one GPU; no checkpoints")
     report_to: str = opt("tensorboard", "training logs, comma-separated: tensorboard (event files in OUTPUT_DIR/logs, "
                                         "offline), wandb (when installed), or none")
     push_to_hub: str = opt("", "after saving, upload the output directory to this Hugging Face repository "

@@ -22,6 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
+from .distributed import sharded
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -181,11 +182,13 @@ def compute_dtype(device: str) -> torch.dtype:
     return torch.float32
 
 
-def quantization_config():
+def quantization_config(storage: torch.dtype = torch.uint8):
+    """NF4 with double quantization, bf16 compute. FSDP shards only floating-point tensors: there the packed
+    4-bit values are stored as bf16 (the same bytes, 4 values each)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16)
+                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage)
 
 
 def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = None,
@@ -202,7 +205,7 @@ def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = N
     if is_offline_path(resolved):
         kwargs["local_files_only"] = True
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config()
+        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if sharded() else torch.uint8)
         # Layers bitsandbytes leaves unquantized must match the bf16 compute dtype (fp16 otherwise).
         kwargs["dtype"] = torch.bfloat16
     else:
@@ -223,7 +226,9 @@ def prepare_kbit(model, gradient_checkpointing: bool = False):
     loaded = {name: p.dtype for name, p in model.named_parameters()}
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing,
                                             gradient_checkpointing_kwargs={"use_reentrant": False})
-    if next(model.parameters()).device.type == "cuda":
+    # FSDP also needs one dtype per decoder layer (its weights are flattened together); there the base is still
+    # on the CPU (first process) or nowhere yet (the others) at this point
+    if next(model.parameters()).device.type == "cuda" or sharded():
         for name, p in model.named_parameters():
             if loaded.get(name) == torch.bfloat16 and p.dtype == torch.float32:
                 p.data = p.data.to(torch.bfloat16)

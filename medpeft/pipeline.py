@@ -45,10 +45,14 @@ class RunConfig:
     seed: int = opt(42, "random seed for splits, training and evaluation")
     dtype: str = opt("auto", "dtype of bases that are not 4-bit, every method and the evaluation (auto = bf16 on a "
                              "GPU, fp32 on a CPU)", ["auto", "float32", "bfloat16"])
+    num_gpus: int = opt(1, "GPUs to train each method on (data parallel through accelerate launch); the evaluation "
+                           "runs on one")
 
     def validate(self) -> list[str]:
         unknown = [m for m in self.method_list() if m not in methods.NAMES]
         problems = [f"--methods: unknown method(s) {unknown}; known: {', '.join(methods.NAMES)}"] if unknown else []
+        if self.num_gpus < 1:
+            problems.append(f"--num_gpus must be 1 or more, got {self.num_gpus}")
         if not self.method_list():
             problems.append("--methods is empty")
         return problems
@@ -97,6 +101,7 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
         settings = dict(method.DEFAULTS, model_name=cfg.model_name, data_path=str(data_dir),
                         output_dir=str(models_dir / name), num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
                         max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed, dtype=cfg.dtype,
+                        num_gpus=cfg.num_gpus,
                         resume_from_checkpoint="auto")  # a run killed mid-training goes on from its checkpoint
         settings.update((method_overrides or {}).get(name, {}))
         fields = {f.name for f in dataclasses.fields(TrainConfig)}
@@ -113,7 +118,10 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
             continue
         log(f"[2/3] train {name} ({i}/{len(names)}) -> {out}")
         try:
-            train(name, train_cfg, opts, log=log, fingerprint=fp, discard_stale_checkpoints=True)
+            if cfg.num_gpus > 1:
+                _train_on_gpus(name, train_cfg, opts, fp, cfg.num_gpus)
+            else:
+                train(name, train_cfg, opts, log=log, fingerprint=fp, discard_stale_checkpoints=True)
             trained[name] = str(out)
         except UsageError:
             raise  # bad settings or data: every method would fail the same way
@@ -137,6 +145,30 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
     md, page = write_report(results, root)
     log(f"report: {md}, {page}")
     return results
+
+
+def _train_on_gpus(name: str, train_cfg, opts, fp: str, num_gpus: int) -> None:
+    """One training stage in num_gpus processes (`medpeft train --config`, launched like `--num_gpus`)."""
+    import os
+    import tempfile
+
+    import yaml
+
+    from .config import as_dict
+    from .distributed import launch
+
+    with tempfile.TemporaryDirectory(prefix="medpeft-stage-") as tmp:
+        settings = Path(tmp) / f"{name}.yaml"
+        settings.write_text(yaml.safe_dump({"method": name, **as_dict(train_cfg, opts)}), encoding="utf-8")
+        os.environ["MEDPEFT_STAGE_FINGERPRINT"] = fp  # the output records it, as an in-process stage does
+        try:
+            code = launch(num_gpus, ["train", "--method", name, "--config", str(settings)])
+        finally:
+            os.environ.pop("MEDPEFT_STAGE_FINGERPRINT", None)
+    if code == 2:
+        raise UsageError(f"training {name} on {num_gpus} GPUs: refused (the message is above)")
+    if code != 0:
+        raise RuntimeError(f"training on {num_gpus} GPUs exited with code {code} (its messages are above)")
 
 
 def _input_hash(input_data: str) -> str:

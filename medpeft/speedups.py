@@ -23,8 +23,12 @@ def liger_available() -> bool:
 def apply_liger(model, log=print, fused_cross_entropy: bool = True) -> bool:
     import torch
 
+    from .distributed import sharded
+
     inner = _transformers_model(model)
-    if not liger_available() or not torch.cuda.is_available() or next(inner.parameters()).device.type != "cuda":
+    # under FSDP the base reaches the GPUs only when training shards it
+    on_gpu = next(inner.parameters()).device.type == "cuda" or sharded()
+    if not liger_available() or not torch.cuda.is_available() or not on_gpu:
         return False
     from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN, _apply_liger_kernel_to_instance
 

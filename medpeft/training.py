@@ -31,6 +31,7 @@ import torch
 from . import methods
 from .config import as_dict, write_json
 from .data import PadCollator, answer_examples, load_split, publish_dir
+from .distributed import is_main_process, process_count, sharded, sum_over_processes
 from .errors import TrainingStopped, UsageError
 from .evaluation import answer_loss
 from .export import hub_token, write_model_card
@@ -184,7 +185,7 @@ class _StepTimer:
             return {}
         first = min(3, len(self.marks) // 4)
         (t0, r0, p0), (t1, r1, p1) = self.marks[first], self.marks[-1]
-        real, padded = _sum_over_processes([r1 - r0, p1 - p0])
+        real, padded = sum_over_processes([r1 - r0, p1 - p0])
         return {"steady_tokens_per_s": round(real / (t1 - t0), 1),
                 "steady_padded_tokens_per_s": round(padded / (t1 - t0), 1),
                 "steady_step_s": round((t1 - t0) / (len(self.marks) - 1 - first), 4),
@@ -241,24 +242,12 @@ CHECKPOINT_COMPLETE = "medpeft_complete"
 TRAINABLE_FILE = "trainable.safetensors"
 
 
-def is_main_process() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def process_count() -> int:
-    """Data-parallel processes of this run (set by accelerate launch / torchrun)."""
-    return int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def _sum_over_processes(values: list[float]) -> list[float]:
-    """Totals over the data-parallel processes (each counts only its own share of the tokens)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return values
-    t = torch.tensor(values, dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
-    dist.all_reduce(t)
-    return t.tolist()
+def optimizer(cfg, device: str) -> str:
+    if cfg.optim == "auto":
+        return "adamw_torch_fused" if device == "cuda" else "adamw_torch"
+    if cfg.optim == "paged_adamw_8bit" and sharded():  # peft's FSDP notes: bitsandbytes' optimizers fail there
+        raise UsageError("--optim paged_adamw_8bit does not work with --fsdp; use --optim auto")
+    return cfg.optim
 
 
 def token_budget(cfg) -> int:
@@ -453,8 +442,11 @@ class TrainingRun:
     def method(self):
         return methods.get(self.method_name)
 
-    def validation_loss(self, desc="validation") -> dict:
-        return answer_loss(self.model, self.val_examples, self.tokenizer.pad_token_id, self.cfg.batch_size, desc)
+    gathered: dict | None = None  # under FSDP: the trained weights, gathered from the shards (first process)
+
+    def validation_loss(self, desc="validation", model=None) -> dict:
+        return answer_loss(model or self.model, self.val_examples, self.tokenizer.pad_token_id, self.cfg.batch_size,
+                           desc)
 
     _attention: str | None = None  # the attention implementation packing replaced, restored after fit
 
@@ -502,11 +494,18 @@ class TrainingRun:
         cfg, device = self.cfg, self.ctx.device
         trainable, total = count_parameters(self.model)
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-        with self.method.disabled(self.model):
-            base_val = self.validation_loss("base validation")
-        self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
+        trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
+        # Under FSDP the base exists whole only on the first process's CPU until training shards it: the base
+        # model is scored after training instead (the same frozen weights, adapters switched off).
+        base_val = None
+        if not sharded():
+            with self.method.disabled(self.model):
+                base_val = self.validation_loss("base validation")
+            self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
+        if sharded() and cfg.resume_from_checkpoint not in ("", "auto"):
+            raise UsageError("--resume_from_checkpoint: runs with --fsdp write no checkpoints; start without it")
         resume = (find_checkpoint(cfg, self._checkpoint_identity(), self.log, self.discard_stale_checkpoints)
-                  if cfg.resume_from_checkpoint else None)
+                  if cfg.resume_from_checkpoint and not sharded() else None)
         if cfg.resume_from_checkpoint and resume is None:
             self.log(f"no complete checkpoint in {checkpoint_dir(cfg.output_dir)}: starting from step 0")
         elif resume:
@@ -537,15 +536,23 @@ class TrainingRun:
                          f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
                 if device == "cuda":
                     torch.cuda.empty_cache()
-        # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
-        self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-        final_val = self.validation_loss("final validation")
+        if sharded():  # every process takes part: each forward gathers the shards of one layer at a time
+            scored = trainer.model
+            final_val = self.validation_loss("final validation", scored)
+            with self.method.disabled(self.model):
+                base_val = self.validation_loss("base validation", scored)
+            state = trainer.accelerator.get_state_dict(trainer.model)  # on the first process, on its CPU
+            self.gathered = {k: v for k, v in state.items() if k in trainable_names}
+        else:
+            # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
+            self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
+            final_val = self.validation_loss("final validation")
         self.log(f"validation loss after training: {final_val['loss']:.4f} (base {base_val['loss']:.4f})")
         trainer.log({"eval_answer_loss": final_val["loss"]})
         _close_loggers(trainer)
 
         history = trainer.state.log_history
-        real_tokens, padded_tokens = _sum_over_processes([collator.real_tokens, collator.padded_tokens])
+        real_tokens, padded_tokens = sum_over_processes([collator.real_tokens, collator.padded_tokens])
         steady = timer.steady()
         return {
             "method": self.method_name, "model_name": cfg.model_name,
@@ -562,7 +569,9 @@ class TrainingRun:
             "train_runtime_s": round(runtime, 2),
             "tokens_per_s": round(real_tokens / runtime, 1), "padded_tokens_per_s": round(padded_tokens / runtime, 1),
             "train_tokens": int(real_tokens), "speed_settings": speed, **steady,
-            "processes": process_count(),
+            "processes": process_count(), "sharded": sharded(),
+            # what this process holds: the whole model, or under FSDP its shard of every layer
+            "parameters_per_process": sum(p.numel() for p in trainer.model.parameters()),
             **peak_memory_gb(device, sampler), "device": device,
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
@@ -590,6 +599,9 @@ class TrainingRun:
         AcceleratorState._reset_state(reset_partial_state=True)
         use_bf16 = cfg.load_in_4bit or resolve_dtype(cfg.dtype, device) == torch.bfloat16
         checkpoints = checkpoint_dir(cfg.output_dir)
+        if sharded() and cfg.save_steps:
+            self.log("--fsdp: no checkpoints are written (a sharded run cannot be resumed)")
+            cfg = dataclasses.replace(cfg, save_steps=0)
         if cfg.save_steps and is_main_process():
             checkpoints.mkdir(parents=True, exist_ok=True)
             write_json(checkpoints / CHECKPOINT_IDENTITY, self._checkpoint_identity())
@@ -603,7 +615,7 @@ class TrainingRun:
             save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=reporters(cfg.report_to),
             logging_dir=str(self.staging / "logs"), seed=cfg.seed,
             bf16=use_bf16, use_cpu=device == "cpu",
-            optim="paged_adamw_8bit" if device == "cuda" else "adamw_torch",
+            optim=optimizer(cfg, device),
             remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
             group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
@@ -625,7 +637,8 @@ class TrainingRun:
                 self.model.is_quantized = True
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(_progress_callback(collator))
-        trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
+        if base_val is not None:
+            trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sampler = RssSampler() if device == "cpu" else None
@@ -644,7 +657,8 @@ class TrainingRun:
 
     def save(self, metrics: dict) -> Path:
         out, staging = Path(self.cfg.output_dir), self.staging
-        self.method.save(self.model, staging, self.ctx)
+        self.method.save(self.model, staging, self.ctx,
+                         **({"state_dict": self.gathered} if self.gathered is not None else {}))
         self.tokenizer.save_pretrained(staging)
         run_info = {
             "method": self.method_name, "settings": as_dict(self.cfg, self.opts),

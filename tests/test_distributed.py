@@ -10,12 +10,20 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def train(tiny_model, processed, out, launcher):
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train(tiny_model, processed, out, launcher, env=None, extra=()):
     argv = ["-m", "medpeft.cli", "train", "--method", "qlora", "--no-load_in_4bit", "--model_name", tiny_model,
             "--data_path", processed, "--output_dir", str(out), "--max_steps", "6", "--batch_size", "8",
             "--gradient_accumulation_steps", "2", "--report_to", "none", "--max_eval_samples", "8",
-            "--logging_steps", "1", "--lora_dropout", "0"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+            "--logging_steps", "1", "--lora_dropout", "0", *extra]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([sys.executable, *launcher, *argv], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return done, json.loads((Path(out) / "metrics.json").read_text())
@@ -44,3 +52,96 @@ def test_num_gpus_beyond_the_machine_is_refused(tiny_model, processed, tmp_path,
     assert code == 2
     assert "--num_gpus 2: 0 CUDA GPU(s) visible; lower --num_gpus" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
+
+
+
+def test_fsdp_launch_gives_each_process_the_settings_the_benchmark_uses():
+    """`--fsdp` launches through accelerate's own flags; the benchmark (torchrun) sets the variables directly:
+    accelerate's parser must turn the one into exactly the other."""
+    from accelerate.commands.launch import launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    from medpeft.distributed import fsdp_environment, launch_command
+
+    command = launch_command(2, ["train", "--method", "qlora"], fsdp=True)
+    assert command[1:3] == ["-m", "accelerate.commands.launch"]
+    args = launch_command_parser().parse_args(command[3:])
+    assert args.use_fsdp and not args.multi_gpu and args.num_processes == 2
+    env = prepare_multi_gpu_env(args)
+    expected = fsdp_environment()
+    assert {k: env.get(k) for k in expected} == expected
+    assert expected["FSDP_USE_ORIG_PARAMS"] == "false" and expected["FSDP_SYNC_MODULE_STATES"] == "true"
+
+
+def test_fsdp_is_refused_where_it_cannot_apply(tiny_model, processed, tmp_path, capsys):
+    from medpeft.cli import run
+
+    common = ["--model_name", tiny_model, "--data_path", processed, "--output_dir", str(tmp_path / "m")]
+    assert run(["train", "--method", "adapter", *common, "--num_gpus", "2", "--fsdp"]) == 2
+    assert "--fsdp shards LoRA training (method qlora); adapter trains on several GPUs data-parallel" in \
+        capsys.readouterr().err
+    assert run(["train", "--method", "qlora", *common, "--fsdp"]) == 2
+    assert "--fsdp splits the base over several GPUs: add --num_gpus N" in capsys.readouterr().err
+    assert run(["train", "--method", "qlora", *common, "--fsdp", "--num_gpus", "2"]) == 2
+    assert "--num_gpus 2: 0 CUDA GPU(s) visible" in capsys.readouterr().err
+    assert not (tmp_path / "m").exists()
+
+
+def test_run_all_trains_each_stage_through_the_launcher(tiny_model, tmp_path, monkeypatch, capsys):
+    """run_all --num_gpus N hands each training stage to the launcher as `medpeft train --config FILE`; the
+    launched run writes the stage's fingerprint, so a second run_all skips it. (The launcher is replaced by an
+    in-process call here: this machine has no GPU.)"""
+    from medpeft.cli import run
+
+    launched = []
+
+    def one_process_launch(num_gpus, argv, fsdp=False):
+        import torch.distributed as dist
+
+        launched.append((num_gpus, argv[:3], fsdp))
+        # as in a launched process (of one), which does not launch again
+        launched_env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
+                        "MASTER_PORT": str(free_port())}
+        for k, v in launched_env.items():
+            monkeypatch.setenv(k, v)
+        try:
+            return run(argv)
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+            for k in launched_env:
+                monkeypatch.delenv(k)
+
+    monkeypatch.setattr("medpeft.distributed.launch", one_process_launch)
+    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "8",
+            "--max_new_tokens", "4", "--batch_size", "4", "--methods", "qlora,adapter", "--num_gpus", "2"]
+    assert run(argv, prog="run_all.py", command="run") == 0
+    assert launched == [(2, ["train", "--method", "qlora"], False), (2, ["train", "--method", "adapter"], False)]
+    settings = json.loads((tmp_path / "models" / "adapter" / "medpeft_config.json").read_text())["settings"]
+    assert settings["num_gpus"] == 2 and settings["max_steps"] == 2 and settings["learning_rate"] == 1e-4
+    results = json.loads((tmp_path / "evaluation_results.json").read_text())
+    assert all(results["models"][m]["status"] == "ok" for m in ("base", "qlora", "adapter"))
+    capsys.readouterr()
+    assert run(argv, prog="run_all.py", command="run") == 0
+    assert capsys.readouterr().out.count("up to date, skipped") == 4 and len(launched) == 2
+
+
+def test_run_all_on_more_gpus_than_the_machine_has_stops_with_one_line(tiny_model, tmp_path, capsys):
+    from medpeft.cli import run
+
+    code = run(["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--num_gpus", "2"],
+               prog="run_all.py", command="run")
+    assert code == 2
+    assert "--num_gpus 2: 0 CUDA GPU(s) visible; lower --num_gpus" in capsys.readouterr().err
+    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
+
+
+def test_the_shipped_fsdp_config_says_what_medpeft_launches_with():
+    import yaml
+
+    from medpeft.distributed import FSDP_SETTINGS
+
+    shipped = yaml.safe_load((ROOT / "configs" / "accelerate" / "fsdp_qlora.yaml").read_text())
+    assert shipped["distributed_type"] == "FSDP"
+    given = {k.removeprefix("fsdp_"): str(v).lower() for k, v in shipped["fsdp_config"].items()}
+    assert given == {k: v.lower() for k, v in FSDP_SETTINGS.items()}

@@ -6,11 +6,13 @@
     PACKING                         whether examples may be packed into one row (medpeft/packing.py)
     LIGER, LIGER_FUSED_CE           whether Liger kernels, and its fused linear cross-entropy, are used by default
                                     on the GPU (medpeft/speedups.py)
+    FSDP                            whether --fsdp may shard it over several GPUs (medpeft/distributed.py)
     WEIGHTS_FILE                    the file save() writes the trained weights to
     Options                         dataclass of the method's own flags, with validate()
     prepare(ctx, opts) -> model     base model (from ctx.load_base) with the method attached, only it trainable
     disabled(model)                 context manager: the bare base model's behaviour
-    save(model, out_dir, ctx)       the method's weights in the library's own format
+    save(model, out_dir, ctx)       the method's weights in the library's own format (FSDP methods also take
+                                    state_dict=, the trainable weights gathered from the shards)
     load(base_model, out_dir, opts) -> model   the inverse of save, for evaluation and generation
 """
 

@@ -22,6 +22,7 @@ HELP = "QLoRA: low-rank adapters on all linear layers of a 4-bit quantized base"
 DEFAULTS = {"learning_rate": 2e-4, "load_in_4bit": True, "output_dir": "models/qlora"}
 GRADIENT_CHECKPOINTING = True
 PACKING = True  # examples may share a packed row
+FSDP = True  # --fsdp: the 4-bit base and the LoRA weights shard over the GPUs
 LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
 LIGER_FUSED_CE = True  # no logits tensor for the whole micro-batch
 WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
@@ -128,12 +129,13 @@ def disabled(model):
     return model.disable_adapter()
 
 
-def save(model, out_dir: Path, ctx) -> None:
+def save(model, out_dir: Path, ctx, state_dict: dict | None = None) -> None:
     initial = getattr(ctx, "initial_adapter", None)
+    gathered = {"state_dict": state_dict} if state_dict is not None else {}
     if initial is not None:
-        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(initial))
+        model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(initial), **gathered)
     else:
-        model.save_pretrained(out_dir)
+        model.save_pretrained(out_dir, **gathered)
     shutil.rmtree(out_dir / "initial_adapter", ignore_errors=True)
 
 
