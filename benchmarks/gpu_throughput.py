@@ -124,17 +124,17 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     return metrics
 
 
-def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, padded_groups=False, nproc=1):
+def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, padded_groups=False, nproc=1, env=None):
     """run_ours in a fresh process: peak memory then counts this run alone (a model freed in the same process
     can leave memory behind that inflates the next run's peak). `nproc` > 1: that many data-parallel
-    processes, one per GPU (torch.distributed.run, as accelerate launch does)."""
+    processes, one per GPU (torch.distributed.run, as accelerate launch does); `env`: more variables (FSDP's)."""
     import subprocess
 
     spec = json.dumps({"name": name, "ckpt": ckpt, "steps": steps, "tokens_per_batch": tokens_per_batch,
                        "overrides": overrides, "seed": seed, "padded_groups": padded_groups})
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
     proc = subprocess.run([sys.executable, *launcher, __file__, "--one", spec], capture_output=True, text=True,
-                          env={**os.environ, "NCCL_NVLS_ENABLE": "0"})
+                          env={**os.environ, "NCCL_NVLS_ENABLE": "0", **(env or {})})
     for line in proc.stdout.splitlines():
         if "RESULT " in line:
             return json.loads(line.split("RESULT ", 1)[1])
@@ -161,6 +161,9 @@ def main(argv=None):
     p.add_argument("--variants", default="", help="extra runs, e.g. 'lora:checkpoint_share=0.5;adapter:liger=off'")
     p.add_argument("--num_gpus", type=int, default=1, help="also run each method data-parallel on this many "
                    "GPUs, against one GPU with the same effective batch (gradient accumulation 2 vs 1 each)")
+    p.add_argument("--skip_fsdp", action="store_true", help="with --num_gpus: no FSDP run for QLoRA")
+    p.add_argument("--logging_steps", type=int, default=1, help="multi-GPU runs: log (and compare) the loss every N "
+                   "steps; each log waits for the GPUs and gathers the loss from every process")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
     args = p.parse_args(argv)
     if args.one:
@@ -195,7 +198,8 @@ def main(argv=None):
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
     if args.num_gpus > 1:
-        results["multi_gpu"] = multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus)
+        results["multi_gpu"] = multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus,
+                                         args.logging_steps, fsdp=not args.skip_fsdp)
         save(results)
     runs = [(n, n, {}) for n in names] if not args.skip_single else []
     for spec in filter(None, args.variants.split(";")):
@@ -228,27 +232,39 @@ def main(argv=None):
     print(f"wrote {save(results)}")
 
 
-def multi_gpu(names, ckpt, steps, tokens_per_batch, n):
-    """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch."""
+def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=True):
+    """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch.
+    QLoRA also sharded with FSDP (--fsdp) on the n GPUs."""
+    from medpeft.distributed import fsdp_environment
+
     out = {}
     for name in names:
         row = {}
-        for label, nproc in (("one", 1), ("many", n)):
+        runs = [("one", 1, None), ("many", n, None)] + ([("fsdp", n, fsdp_environment())] if name == "qlora" and fsdp else [])
+        for label, nproc, env in runs:
             try:
-                m = run_ours_isolated(name, ckpt, steps, tokens_per_batch, {"gradient_accumulation_steps": n},
-                                      seed=1, nproc=nproc)
+                m = run_ours_isolated(name, ckpt, steps, tokens_per_batch,
+                                      {"gradient_accumulation_steps": n, "logging_steps": logging_steps},
+                                      seed=1, nproc=nproc, env=env)
             except Exception as exc:  # keep the other rows
                 row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
                 print(name, label, "FAILED", row[label]["error"], flush=True)
                 continue
             row[label] = {"useful_tokens_per_s": m["steady_tokens_per_s"], "peak_gb_per_gpu": m["peak_memory_gb"],
-                          "step_s": m["steady_step_s"], "processes": m.get("processes"),
+                          "step_s": m["steady_step_s"], "processes": m.get("processes"), "sharded": m.get("sharded"),
+                          "parameters_per_process": m.get("parameters_per_process"),
+                          "validation_loss_base": m.get("validation_loss_base"),
+                          "validation_loss_final": m.get("validation_loss_final"),
                           "curve": [p["loss"] for p in m["loss_curve"]]}
         if "error" not in row.get("one", {"error": 1}) and "error" not in row.get("many", {"error": 1}):
             a, b = row["one"]["curve"], row["many"]["curve"]
             rel = [abs(x - y) / x for x, y in zip(a, b)]
             row.update(scaling=round(row["many"]["useful_tokens_per_s"] / row["one"]["useful_tokens_per_s"], 3),
                        curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5))
+            if "error" not in row.get("fsdp", {"error": 1}):
+                rel = [abs(x - y) / x for x, y in zip(a, row["fsdp"]["curve"])]
+                row.update(fsdp_scaling=round(row["fsdp"]["useful_tokens_per_s"] / row["one"]["useful_tokens_per_s"], 3),
+                           fsdp_curve_max_rel_diff=round(max(rel), 5))
         out[name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k not in ("one", "many")}),
               json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in row.items()
@@ -260,6 +276,10 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n):
             print(f"| {name} | {r['one']['useful_tokens_per_s']:.0f} | {r['many']['useful_tokens_per_s']:.0f} | "
                   f"{r['scaling']:.2f}x | {r['one']['peak_gb_per_gpu']} / {r['many']['peak_gb_per_gpu']} | "
                   f"{r['curve_max_rel_diff']:.4f} ({r['curve_steps']} steps) |")
+        if "fsdp_scaling" in r:
+            print(f"| {name}, FSDP | {r['one']['useful_tokens_per_s']:.0f} | {r['fsdp']['useful_tokens_per_s']:.0f} | "
+                  f"{r['fsdp_scaling']:.2f}x | {r['one']['peak_gb_per_gpu']} / {r['fsdp']['peak_gb_per_gpu']} | "
+                  f"{r['fsdp_curve_max_rel_diff']:.4f} |")
     return out
 
 
