@@ -81,16 +81,15 @@ def cmd_train(argv, prog, method_name=None):
         raise UsageError(f"{prog}: --method is required: one of {', '.join(methods.NAMES)}")
     method = methods.get(method_name)
     cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS)
+    from .distributed import is_main_process, launch, local_rank
+
     if cfg.fsdp and not method.FSDP:
         raise UsageError(f"{prog}: --fsdp shards LoRA training (method qlora); {method_name} trains on several GPUs "
                          "data-parallel: drop --fsdp and keep --num_gpus")
-    if cfg.fsdp and cfg.num_gpus < 2 and "LOCAL_RANK" not in os.environ:
+    if cfg.fsdp and cfg.num_gpus < 2 and local_rank() is None:
         raise UsageError(f"{prog}: --fsdp splits the base over several GPUs: add --num_gpus N (N >= 2)")
-    if cfg.num_gpus > 1 and "LOCAL_RANK" not in os.environ:
-        from .distributed import launch
-
+    if cfg.num_gpus > 1 and local_rank() is None:
         return launch(cfg.num_gpus, ["train", "--method", method_name, *argv], fsdp=cfg.fsdp)
-    from .distributed import is_main_process
     from .training import train
 
     # set by the pipeline when it launches a multi-GPU training stage (run_all.py --num_gpus)

@@ -1,7 +1,8 @@
 """Several GPUs: the processes of a data-parallel or FSDP run, and launching one.
 
     launch(num_gpus, argv, fsdp=False)  -> run `medpeft <argv>` in num_gpus processes through accelerate launch
-    is_main_process() / process_count() -> this process's role, from the variables accelerate launch / torchrun set
+    local_rank() / is_main_process() / process_count() -> this process's role, from what accelerate launch /
+                                          torchrun set (local_rank() is None outside a launched run)
     sharded()                           -> True inside an FSDP run (the base is split over the GPUs)
 """
 
@@ -40,6 +41,11 @@ def sharded() -> bool:
     import torch
 
     return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("1", "true") and torch.cuda.is_available()
+
+
+def local_rank() -> int | None:
+    """This process's GPU index when it is one of a launched run's processes, else None."""
+    return int(os.environ["LOCAL_RANK"]) if "LOCAL_RANK" in os.environ else None
 
 
 def is_main_process() -> bool:

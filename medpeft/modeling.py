@@ -22,7 +22,7 @@ from urllib.parse import urlparse
 
 import torch
 
-from .distributed import sharded
+from .distributed import local_rank, sharded
 from .errors import UsageError
 
 log = logging.getLogger(__name__)
@@ -198,8 +198,8 @@ def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = N
 
     device = device or default_device()
     placement = device
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one data-parallel process per GPU
-        placement = int(os.environ["LOCAL_RANK"])
+    if device == "cuda" and local_rank() is not None:  # one process per GPU
+        placement = local_rank()
         torch.cuda.set_device(placement)
     kwargs = dict(trust_remote_code=trust_remote_code, device_map={"": placement}, use_safetensors=None)
     if is_offline_path(resolved):
