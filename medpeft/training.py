@@ -16,7 +16,6 @@ import errno
 import functools
 import importlib.util
 import json
-import os
 import platform
 import random
 import resource
