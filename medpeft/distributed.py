@@ -69,16 +69,16 @@ def sum_over_processes(values: list[float]) -> list[float]:
     return t.tolist()
 
 
-def launch(num_gpus: int, argv: list[str], fsdp: bool = False) -> int:
-    """Run `python -m medpeft.cli <argv>` again in `num_gpus` processes, one per GPU; returns the exit code."""
+def launch(num_gpus: int, argv: list[str], fsdp: bool = False, env: dict | None = None) -> int:
+    """Run `python -m medpeft.cli <argv>` again in `num_gpus` processes, one per GPU, with `env` added to their
+    environment; returns the exit code."""
     import torch
 
     found = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if found < num_gpus:
         raise UsageError(f"--num_gpus {num_gpus}: {found} CUDA GPU(s) visible; lower --num_gpus or run on a "
                          "machine with more GPUs")
-    env = dict(os.environ)
-    env.setdefault("NCCL_NVLS_ENABLE", "0")  # NVLink multicast off: it fails on some shared machines
+    env = {"NCCL_NVLS_ENABLE": "0", **os.environ, **(env or {})}  # NVLink multicast off: fails on some machines
     return subprocess.run(launch_command(num_gpus, argv, fsdp), env=env).returncode
 
 

@@ -149,7 +149,6 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
 
 def _train_on_gpus(name: str, train_cfg, opts, fp: str, num_gpus: int) -> None:
     """One training stage in num_gpus processes (`medpeft train --config`, launched like `--num_gpus`)."""
-    import os
     import tempfile
 
     import yaml
@@ -160,11 +159,9 @@ def _train_on_gpus(name: str, train_cfg, opts, fp: str, num_gpus: int) -> None:
     with tempfile.TemporaryDirectory(prefix="medpeft-stage-") as tmp:
         settings = Path(tmp) / f"{name}.yaml"
         settings.write_text(yaml.safe_dump({"method": name, **as_dict(train_cfg, opts)}), encoding="utf-8")
-        os.environ["MEDPEFT_STAGE_FINGERPRINT"] = fp  # the output records it, as an in-process stage does
-        try:
-            code = launch(num_gpus, ["train", "--method", name, "--config", str(settings)])
-        finally:
-            os.environ.pop("MEDPEFT_STAGE_FINGERPRINT", None)
+        # the output records the stage's fingerprint, as an in-process stage does
+        code = launch(num_gpus, ["train", "--method", name, "--config", str(settings)],
+                      env={"MEDPEFT_STAGE_FINGERPRINT": fp})
     if code == 2:
         raise UsageError(f"training {name} on {num_gpus} GPUs: refused (the message is above)")
     if code != 0:

@@ -493,18 +493,19 @@ class TrainingRun:
         cfg, device = self.cfg, self.ctx.device
         trainable, total = count_parameters(self.model)
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
-        trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad}
         # Under FSDP the base exists whole only on the first process's CPU until training shards it: the base
         # model is scored after training instead (the same frozen weights, adapters switched off).
+        shard = sharded()
+        trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad} if shard else None
         base_val = None
-        if not sharded():
+        if not shard:
             with self.method.disabled(self.model):
                 base_val = self.validation_loss("base validation")
             self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
-        if sharded() and cfg.resume_from_checkpoint not in ("", "auto"):
+        if shard and cfg.resume_from_checkpoint not in ("", "auto"):
             raise UsageError("--resume_from_checkpoint: runs with --fsdp write no checkpoints; start without it")
         resume = (find_checkpoint(cfg, self._checkpoint_identity(), self.log, self.discard_stale_checkpoints)
-                  if cfg.resume_from_checkpoint and not sharded() else None)
+                  if cfg.resume_from_checkpoint and not shard else None)
         if cfg.resume_from_checkpoint and resume is None:
             self.log(f"no complete checkpoint in {checkpoint_dir(cfg.output_dir)}: starting from step 0")
         elif resume:
@@ -535,7 +536,7 @@ class TrainingRun:
                          f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
                 if device == "cuda":
                     torch.cuda.empty_cache()
-        if sharded():  # every process takes part: each forward gathers the shards of one layer at a time
+        if shard:  # every process takes part: each forward gathers the shards of one layer at a time
             scored = trainer.model
             final_val = self.validation_loss("final validation", scored)
             with self.method.disabled(self.model):
@@ -568,7 +569,7 @@ class TrainingRun:
             "train_runtime_s": round(runtime, 2),
             "tokens_per_s": round(real_tokens / runtime, 1), "padded_tokens_per_s": round(padded_tokens / runtime, 1),
             "train_tokens": int(real_tokens), "speed_settings": speed, **steady,
-            "processes": process_count(), "sharded": sharded(),
+            "processes": process_count(), "sharded": shard,
             # what this process holds: the whole model, or under FSDP its shard of every layer
             "parameters_per_process": sum(p.numel() for p in trainer.model.parameters()),
             **peak_memory_gb(device, sampler), "device": device,

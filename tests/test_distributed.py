@@ -95,13 +95,13 @@ def test_run_all_trains_each_stage_through_the_launcher(tiny_model, tmp_path, mo
 
     launched = []
 
-    def one_process_launch(num_gpus, argv, fsdp=False):
+    def one_process_launch(num_gpus, argv, fsdp=False, env=None):
         import torch.distributed as dist
 
         launched.append((num_gpus, argv[:3], fsdp))
         # as in a launched process (of one), which does not launch again
         launched_env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_port())}
+                        "MASTER_PORT": str(free_port()), **(env or {})}
         for k, v in launched_env.items():
             monkeypatch.setenv(k, v)
         try:
@@ -110,7 +110,7 @@ def test_run_all_trains_each_stage_through_the_launcher(tiny_model, tmp_path, mo
             if dist.is_initialized():
                 dist.destroy_process_group()
             for k in launched_env:
-                monkeypatch.delenv(k)
+                monkeypatch.delenv(k, raising=False)  # the launched command consumes the stage fingerprint
 
     monkeypatch.setattr("medpeft.distributed.launch", one_process_launch)
     argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "8",
