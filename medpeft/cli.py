@@ -86,6 +86,9 @@ def cmd_train(argv, prog, method_name=None):
     if cfg.fsdp and not method.FSDP:
         raise UsageError(f"{prog}: --fsdp shards LoRA training (method qlora); {method_name} trains on several GPUs "
                          "data-parallel: drop --fsdp and keep --num_gpus")
+    if cfg.fsdp and cfg.compile == "on":
+        raise UsageError(f"{prog}: --compile on cannot run with --fsdp (FSDP gathers each layer's shards around "
+                         "its call); use --compile auto, which leaves sharded layers uncompiled")
     if cfg.fsdp and cfg.num_gpus < 2 and local_rank() is None:
         raise UsageError(f"{prog}: --fsdp splits the base over several GPUs: add --num_gpus N (N >= 2)")
     if cfg.num_gpus > 1 and local_rank() is None:

@@ -103,6 +103,10 @@ class TrainConfig:
     tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
     liger: str = opt("auto", "Liger Triton kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE "
                              "(auto = on CUDA when liger-kernel is installed)", ["auto", "on", "off"])
+    compile: str = opt("auto", "torch.compile each decoder layer: fused kernels, less Python per step; the first "
+                               "steps pay for compilation, 1-2 minutes at 7B (auto = on CUDA for QLoRA/LoRA and "
+                               "adapters; Liger then keeps only its fused cross-entropy; never under --fsdp)",
+                       ["auto", "on", "off"])
     save_steps: int = opt(100, "save a checkpoint (trainable weights, optimizer, scheduler, RNG, data position) "
                                "every N steps into OUTPUT_DIR.checkpoints; 0 = none")
     resume_from_checkpoint: str = opt("", "continue a killed run: 'auto' = the newest complete checkpoint of this "

@@ -3,6 +3,8 @@
     apply_liger(model)                -> True when Liger kernels now run the model (fused linear cross-entropy:
                                          the logits of a whole micro-batch are never materialised)
     limit_checkpointing(model, share) -> recompute activations in the first `share` of decoder layers only
+    compile_layers(model)             -> each decoder layer runs through torch.compile (fewer, fused kernels and
+                                         no Python between them); uncompile_layers(model) undoes it
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ def liger_available() -> bool:
     return importlib.util.find_spec("liger_kernel") is not None
 
 
-def apply_liger(model, log=print, fused_cross_entropy: bool = True) -> bool:
+def apply_liger(model, log=print, fused_cross_entropy: bool = True, layers: bool = True) -> bool:
+    """`layers` False: the fused linear cross-entropy only (compiled decoder layers fuse their norms and
+    activations themselves)."""
     import torch
 
     from .distributed import sharded
@@ -38,7 +42,7 @@ def apply_liger(model, log=print, fused_cross_entropy: bool = True) -> bool:
         return False
     # Note: besides this instance, Liger also patches transformers' module-level classes and RoPE function,
     # so models of this type built later in the process use its RMSNorm, SwiGLU and RoPE too.
-    _apply_liger_kernel_to_instance(model=inner, rope=True, rms_norm=True, swiglu=True,
+    _apply_liger_kernel_to_instance(model=inner, rope=layers, rms_norm=layers, swiglu=layers,
                                     fused_linear_cross_entropy=fused_cross_entropy, cross_entropy=False)
     return True
 
@@ -57,3 +61,26 @@ def limit_checkpointing(model, share: float) -> int:
     for layer in layers[keep:]:
         layer.gradient_checkpointing = False
     return keep
+
+
+COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
+
+
+def compile_layers(model) -> int:
+    """torch.compile every decoder layer (one compiled graph shared by all of them). Checkpointing stays outside
+    the compiled region: the recomputation calls the compiled forward again. Returns the number of layers."""
+    import torch
+
+    layers = decoder_layers(model)
+    # every layer is another instance of the same code; a guard per instance must not exhaust the cache
+    dynamo = torch._dynamo.config
+    name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
+    setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(layers) + 8))
+    for layer in layers:
+        layer.compile(backend=COMPILE_BACKEND, dynamic=True)  # packed rows vary in length: one graph for all
+    return len(layers)
+
+
+def uncompile_layers(model) -> None:
+    for layer in decoder_layers(model):
+        layer._compiled_call_impl = None

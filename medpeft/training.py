@@ -37,7 +37,7 @@ from .export import hub_token, write_model_card
 from .modeling import (default_device, load_model, load_tokenizer, pin_4bit_layout, prepare_kbit, resolve_dtype,
                        resolve_model)
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
-from .speedups import apply_liger, liger_available, limit_checkpointing
+from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
 
 CONFIG_FILE = "medpeft_config.json"
 METRICS_FILE = "metrics.json"
@@ -163,7 +163,8 @@ def _check_output_dir(out: Path) -> None:
 
 class _StepTimer:
     """Step end times and tokens seen, for the steady-state speed (the first steps pay for warm-up and kernel
-    compilation). Tokens are counted at collation, one batch ahead of the step: the offset cancels out."""
+    compilation). Tokens are counted at collation, one batch ahead of the step: the offset cancels out.
+    On CUDA a step's end is an event on the GPU's stream: timing never makes the CPU wait for the GPU."""
 
     def __init__(self, collator, device):
         from transformers import TrainerCallback
@@ -174,8 +175,11 @@ class _StepTimer:
         class Callback(TrainerCallback):
             def on_step_end(self, args, state, control, **kwargs):
                 if timer.device == "cuda":
-                    torch.cuda.synchronize()
-                timer.marks.append((time.perf_counter(), timer.collator.real_tokens, timer.collator.padded_tokens))
+                    end = torch.cuda.Event(enable_timing=True)
+                    end.record()
+                else:
+                    end = time.perf_counter()
+                timer.marks.append((end, timer.collator.real_tokens, timer.collator.padded_tokens))
 
         self.callback = Callback()
 
@@ -184,10 +188,15 @@ class _StepTimer:
             return {}
         first = min(3, len(self.marks) // 4)
         (t0, r0, p0), (t1, r1, p1) = self.marks[first], self.marks[-1]
+        if self.device == "cuda":
+            t1.synchronize()
+            seconds = t0.elapsed_time(t1) / 1000
+        else:
+            seconds = t1 - t0
         real, padded = sum_over_processes([r1 - r0, p1 - p0])
-        return {"steady_tokens_per_s": round(real / (t1 - t0), 1),
-                "steady_padded_tokens_per_s": round(padded / (t1 - t0), 1),
-                "steady_step_s": round((t1 - t0) / (len(self.marks) - 1 - first), 4),
+        return {"steady_tokens_per_s": round(real / seconds, 1),
+                "steady_padded_tokens_per_s": round(padded / seconds, 1),
+                "steady_step_s": round(seconds / (len(self.marks) - 1 - first), 4),
                 "steady_steps": len(self.marks) - 1 - first}
 
 
@@ -448,6 +457,7 @@ class TrainingRun:
                            desc)
 
     _attention: str | None = None  # the attention implementation packing replaced, restored after fit
+    _compiled: bool = False  # decoder layers compiled for training, restored after fit
 
     def _batches(self):
         """(training data, collator, per-device batch size, speed settings): packed token-budget rows where
@@ -478,15 +488,20 @@ class TrainingRun:
             step = batch_size * unit
             if unit > 1 and len(data) > step and len(data) % step:
                 data = data[:len(data) - len(data) % step]
+        compiled = (cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda" and self.method.COMPILE)
+                    ) and not sharded()
         liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda" and self.method.LIGER
                                        and liger_available())
-        if liger and not apply_liger(self.model, self.log, self.method.LIGER_FUSED_CE):
+        if liger and not apply_liger(self.model, self.log, self.method.LIGER_FUSED_CE, layers=not compiled):
             if cfg.liger == "on":
                 raise UsageError("--liger on: Liger kernels need a CUDA GPU and the liger-kernel package")
             liger = False
         speed["liger"] = liger and ("all" if self.method.LIGER_FUSED_CE else "without fused cross-entropy")
         if self.ctx.gradient_checkpointing:
             speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
+        if compiled:
+            speed["compiled_layers"] = compile_layers(self.model)
+            self._compiled = True
         return data, collator, batch_size, speed
 
     def fit(self) -> dict:
@@ -581,7 +596,7 @@ class TrainingRun:
     def _checkpoint_identity(self) -> dict:
         """What a checkpoint must share with this run to be resumed by it."""
         skip = {"output_dir", "resume_from_checkpoint", "keep_checkpoints", "save_steps", "report_to",
-                "push_to_hub", "logging_steps", "auto_batch_size"}
+                "push_to_hub", "logging_steps", "auto_batch_size", "compile"}
         settings = {k: v for k, v in as_dict(self.cfg, self.opts).items() if k not in skip}
         settings["data_created"] = self.metadata.get("created")  # a re-prepared dataset is other data
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
@@ -653,6 +668,9 @@ class TrainingRun:
             if self._attention is not None:
                 restore_attention(self.model, self._attention)
                 self._attention = None
+            if self._compiled:  # evaluation and generation afterwards run the layers as they were
+                uncompile_layers(self.model)
+                self._compiled = False
         return trainer, result, time.time() - t0, collator, speed, timer, sampler
 
     def save(self, metrics: dict) -> Path:

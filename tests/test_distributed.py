@@ -80,6 +80,8 @@ def test_fsdp_is_refused_where_it_cannot_apply(tiny_model, processed, tmp_path, 
     assert run(["train", "--method", "adapter", *common, "--num_gpus", "2", "--fsdp"]) == 2
     assert "--fsdp shards LoRA training (method qlora); adapter trains on several GPUs data-parallel" in \
         capsys.readouterr().err
+    assert run(["train", "--method", "qlora", *common, "--num_gpus", "2", "--fsdp", "--compile", "on"]) == 2
+    assert "--compile on cannot run with --fsdp" in capsys.readouterr().err
     assert run(["train", "--method", "qlora", *common, "--fsdp"]) == 2
     assert "--fsdp splits the base over several GPUs: add --num_gpus N" in capsys.readouterr().err
     assert run(["train", "--method", "qlora", *common, "--fsdp", "--num_gpus", "2"]) == 2

@@ -6,6 +6,7 @@
     PACKING                         whether examples may be packed into one row (medpeft/packing.py)
     LIGER, LIGER_FUSED_CE           whether Liger kernels, and its fused linear cross-entropy, are used by default
                                     on the GPU (medpeft/speedups.py)
+    COMPILE                         whether --compile auto compiles its decoder layers on the GPU (measured faster)
     FSDP                            whether --fsdp may shard it over several GPUs (medpeft/distributed.py)
     WEIGHTS_FILE                    the file save() writes the trained weights to
     Options                         dataclass of the method's own flags, with validate()

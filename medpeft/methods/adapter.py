@@ -23,6 +23,7 @@ HELP = "Adapter Tuning: bottleneck adapters in every decoder layer of a frozen b
 DEFAULTS = {"learning_rate": 1e-4, "output_dir": "models/adapter"}
 GRADIENT_CHECKPOINTING = True
 PACKING = True  # examples may share a packed row
+COMPILE = True  # --compile auto: compiled decoder layers on the GPU (docs/performance.md)
 FSDP = False  # AdapterHub layers are not wrapped for FSDP here; data parallel only
 LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
 LIGER_FUSED_CE = True  # no logits tensor for the whole micro-batch

@@ -20,6 +20,8 @@ HELP = "P-Tuning: trainable virtual-token prompt encoder in front of a frozen ba
 DEFAULTS = {"learning_rate": 5e-5, "output_dir": "models/ptuning"}
 GRADIENT_CHECKPOINTING = False
 PACKING = False  # peft puts the virtual tokens once before a row, not before each packed example
+COMPILE = False  # compiled layers made P-Tuning slower on an H200 (5,326 vs 8,478 tok/s): its padded
+# batches change shape every step
 FSDP = False
 LIGER = True
 # Liger's fused linear cross-entropy slows P-Tuning down 5x on an H200 (Mistral-7B shapes: 0.83 s a step with it,
