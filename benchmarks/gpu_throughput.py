@@ -116,6 +116,10 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
                 data=(_Tok(), examples, examples[:8], {"input_data": "synthetic MedQuAD-like lengths"}))
     try:
         metrics = run.fit()
+        from torch._dynamo.utils import counters  # compiled layers: how many graphs, and where tracing stopped
+
+        metrics["compile_stats"] = {"graphs": counters["stats"]["unique_graphs"],
+                                    "graph_breaks": sum(counters["graph_break"].values())}
     finally:
         run.cleanup()
         del run
@@ -164,6 +168,9 @@ def main(argv=None):
     p.add_argument("--skip_fsdp", action="store_true", help="with --num_gpus: no FSDP run for QLoRA")
     p.add_argument("--logging_steps", type=int, default=1, help="multi-GPU runs: log (and compare) the loss every N "
                    "steps; each log waits for the GPUs and gathers the loss from every process")
+    p.add_argument("--set", default="", help="training settings for every run of ours, e.g. 'compile=on'")
+    p.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of these results files, "
+                   "merged (the plain recipe and ours run at once on two GPUs of one machine, each with its own OUT)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
     args = p.parse_args(argv)
     if args.one:
@@ -172,6 +179,14 @@ def main(argv=None):
                      seed=spec["seed"], padded_groups=spec["padded_groups"], log=lambda *a: None)
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(m))
+        return
+    if args.merge:
+        results = {}
+        for path in args.merge:
+            for key, value in json.loads(Path(path).read_text()).items():
+                results[key] = {**results[key], **value} if isinstance(value, dict) and key in results else value
+        table(results, [m.strip() for m in args.methods.split(",")])
+        print(f"wrote {save(results)}")
         return
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import naive_baseline as plain
@@ -198,17 +213,16 @@ def main(argv=None):
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
     if args.num_gpus > 1:
-        results["multi_gpu"] = multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus,
-                                         args.logging_steps, fsdp=not args.skip_fsdp)
+        results["multi_gpu"] = {}  # filled and saved run by run: a call cut short keeps what finished
+        multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus, args.logging_steps,
+                  fsdp=not args.skip_fsdp, common=settings(args.set), out=results["multi_gpu"],
+                  saved=lambda: save(results))
         save(results)
-    runs = [(n, n, {}) for n in names] if not args.skip_single else []
+    common = settings(args.set)
+    runs = [(n, n, dict(common)) for n in names] if not args.skip_single else []
     for spec in filter(None, args.variants.split(";")):
         name, _, kv = spec.partition(":")
-        over = {}
-        for item in filter(None, kv.split(",")):
-            k, _, v = item.partition("=")
-            over[k] = float(v) if k == "checkpoint_share" else int(v) if k == "tokens_per_batch" else v
-        runs.append((f"{name}[{kv}]", name, over))
+        runs.append((f"{name}[{kv}]" if kv else name, name, {**common, **settings(kv)}))
     for label, name, over in runs:
         t = time.time()
         tpb = int(over.pop("tokens_per_batch", args.tokens_per_batch))
@@ -225,26 +239,38 @@ def main(argv=None):
         results["ours"][label] = {
             "useful_tokens_per_s": m["steady_tokens_per_s"], "padded_tokens_per_s": m["steady_padded_tokens_per_s"],
             "peak_gb": m["peak_memory_gb"], "step_s": m["steady_step_s"], "mfu": round(mfu, 3),
-            "tokens_per_batch": tpb, **speed, "wall_s": round(time.time() - t, 1)}
+            "tokens_per_batch": tpb, **speed, "compile_stats": m.get("compile_stats"),
+            "wall_s": round(time.time() - t, 1)}
         print(label, json.dumps(results["ours"][label]), flush=True)
         save(results)
     table(results, names)
     print(f"wrote {save(results)}")
 
 
-def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=True):
+def settings(text):
+    """'k=v,k=v' -> training overrides."""
+    over = {}
+    for item in filter(None, text.split(",")):
+        k, _, v = item.partition("=")
+        over[k] = float(v) if k == "checkpoint_share" else int(v) if k == "tokens_per_batch" else v
+    return over
+
+
+def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=True, common=None, out=None,
+              saved=lambda: None):
     """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch.
-    QLoRA also sharded with FSDP (--fsdp) on the n GPUs."""
+    QLoRA also sharded with FSDP (--fsdp) on the n GPUs. Rows go into `out` as they finish; `saved` writes them."""
     from medpeft.distributed import fsdp_environment
 
-    out = {}
+    out = {} if out is None else out
     for name in names:
-        row = {}
+        row = out[name] = {}
         runs = [("one", 1, None), ("many", n, None)] + ([("fsdp", n, fsdp_environment())] if name == "qlora" and fsdp else [])
         for label, nproc, env in runs:
             try:
                 m = run_ours_isolated(name, ckpt, steps, tokens_per_batch,
-                                      {"gradient_accumulation_steps": n, "logging_steps": logging_steps},
+                                      {**(common or {}), "gradient_accumulation_steps": n,
+                                       "logging_steps": logging_steps},
                                       seed=1, nproc=nproc, env=env)
             except Exception as exc:  # keep the other rows
                 row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -256,6 +282,8 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=Tru
                           "validation_loss_base": m.get("validation_loss_base"),
                           "validation_loss_final": m.get("validation_loss_final"),
                           "curve": [p["loss"] for p in m["loss_curve"]]}
+            print(name, label, json.dumps({k: v for k, v in row[label].items() if k != "curve"}), flush=True)
+            saved()
         if "error" not in row.get("one", {"error": 1}) and "error" not in row.get("many", {"error": 1}):
             a, b = row["one"]["curve"], row["many"]["curve"]
             rel = [abs(x - y) / x for x, y in zip(a, b)]
@@ -265,7 +293,6 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=Tru
                 rel = [abs(x - y) / x for x, y in zip(a, row["fsdp"]["curve"])]
                 row.update(fsdp_scaling=round(row["fsdp"]["useful_tokens_per_s"] / row["one"]["useful_tokens_per_s"], 3),
                            fsdp_curve_max_rel_diff=round(max(rel), 5))
-        out[name] = row
         print(name, json.dumps({k: v for k, v in row.items() if k not in ("one", "many")}),
               json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in row.items()
                           if k in ("one", "many")}), flush=True)
@@ -350,7 +377,7 @@ def correctness_check(ckpt, steps, tokens_per_batch):
     torch.cuda.empty_cache()
     # (2) curves over the same micro-batches (same examples, same order), each run in its own process
     curves = {}
-    for label, over, padded in (("plain", {"liger": "off"}, True), ("ours", {}, False)):
+    for label, over, padded in (("plain", {"liger": "off", "compile": "off"}, True), ("ours", {}, False)):
         m = run_ours_isolated("qlora", ckpt, steps, tokens_per_batch, dict(over, packing="on"), seed=1,
                               padded_groups=padded)
         curves[label] = [p["loss"] for p in m["loss_curve"]]
@@ -373,7 +400,8 @@ def table(results, names):
             continue
         ratio = r["useful_tokens_per_s"] / pl["useful_tokens_per_s"] if pl else float("nan")
         settings = (f"packing {r.get('packing')}, liger {r.get('liger')}, "
-                    f"checkpointed {r.get('checkpointed_layers', 0)}, {r['tokens_per_batch']} tok/batch")
+                    f"checkpointed {r.get('checkpointed_layers', 0)}, {r['tokens_per_batch']} tok/batch"
+                    f"{', compiled' if r.get('compiled_layers') else ''}")
         print(f"| {label} | {pl.get('useful_tokens_per_s', '')} | {pl.get('tokens_per_s', '')} | "
               f"{pl.get('peak_gb', '')} | {r['useful_tokens_per_s']:.0f} | {r['peak_gb']} | {r['mfu']} | "
               f"{ratio:.2f} | {settings} |")
