@@ -66,9 +66,11 @@ def limit_checkpointing(model, share: float) -> int:
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
 
 
-def compile_layers(model) -> int:
+def compile_layers(model, fallback: bool = False) -> int:
     """torch.compile every decoder layer (one compiled graph shared by all of them). Checkpointing stays outside
-    the compiled region: the recomputation calls the compiled forward again. Returns the number of layers."""
+    the compiled region: the recomputation calls the compiled forward again. `fallback`: a layer that fails to
+    compile runs eagerly, with a warning, instead of stopping the run (--compile auto, for architectures the
+    compiler has not been tried on). Returns the number of layers."""
     import torch
 
     layers = decoder_layers(model)
@@ -76,11 +78,20 @@ def compile_layers(model) -> int:
     dynamo = torch._dynamo.config
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(layers) + 8))
+    _suppressed.append(dynamo.suppress_errors)
+    dynamo.suppress_errors = fallback
     for layer in layers:
         layer.compile(backend=COMPILE_BACKEND, dynamic=True)  # packed rows vary in length: one graph for all
     return len(layers)
 
 
+_suppressed: list[bool] = []  # dynamo's suppress_errors before compile_layers, restored by uncompile_layers
+
+
 def uncompile_layers(model) -> None:
+    import torch
+
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+    if _suppressed:
+        torch._dynamo.config.suppress_errors = _suppressed.pop()

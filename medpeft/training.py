@@ -500,7 +500,7 @@ class TrainingRun:
         if self.ctx.gradient_checkpointing:
             speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
         if compiled:
-            speed["compiled_layers"] = compile_layers(self.model)
+            speed["compiled_layers"] = compile_layers(self.model, fallback=cfg.compile == "auto")
             self._compiled = True
         return data, collator, batch_size, speed
 

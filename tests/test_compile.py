@@ -55,3 +55,28 @@ def test_compiled_layers_train_like_eager_layers(case, tiny_model, processed, tm
     assert compiled["validation_loss_final"] == pytest.approx(eager["validation_loss_final"], rel=2e-3)
     # evaluation and generation after training run the layers as they were
     assert all(layer._compiled_call_impl is None for layer in decoder_layers(run.model))
+
+
+def test_a_layer_that_fails_to_compile_runs_eagerly_only_when_asked(tiny_model, monkeypatch):
+    """--compile auto falls back to the eager layer (an architecture the compiler trips on still trains);
+    --compile on stops with the compiler's error."""
+    from transformers import AutoModelForCausalLM
+
+    def broken_backend(graph, example_inputs):
+        raise RuntimeError("this compiler cannot build the layer")
+
+    monkeypatch.setattr(speedups, "COMPILE_BACKEND", broken_backend)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    ids = torch.tensor([[5, 6, 7, 8, 9]])
+    with torch.no_grad():
+        eager = model(input_ids=ids).logits
+        torch._dynamo.reset()
+        speedups.compile_layers(model, fallback=True)
+        assert torch.equal(model(input_ids=ids).logits, eager)
+        speedups.uncompile_layers(model)
+        torch._dynamo.reset()
+        speedups.compile_layers(model, fallback=False)
+        with pytest.raises(Exception, match="this compiler cannot build the layer"):
+            model(input_ids=ids)
+        speedups.uncompile_layers(model)
+    assert torch._dynamo.config.suppress_errors is False
