@@ -457,7 +457,6 @@ class TrainingRun:
                            desc)
 
     _attention: str | None = None  # the attention implementation packing replaced, restored after fit
-    _compiled: bool = False  # decoder layers compiled for training, restored after fit
 
     def _batches(self):
         """(training data, collator, per-device batch size, speed settings): packed token-budget rows where
@@ -501,7 +500,6 @@ class TrainingRun:
             speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
         if compiled:
             speed["compiled_layers"] = compile_layers(self.model, fallback=cfg.compile == "auto")
-            self._compiled = True
         return data, collator, batch_size, speed
 
     def fit(self) -> dict:
@@ -602,13 +600,25 @@ class TrainingRun:
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
 
     def _train(self, base_val: dict, resume: Path | None):
+        train_data, collator, batch_size, speed = self._batches()
+        self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
+        try:
+            trainer, result, runtime, timer, sampler = self._run_trainer(train_data, collator, batch_size, base_val,
+                                                                         resume)
+        finally:  # evaluation and generation afterwards run the model as it was
+            if self._attention is not None:
+                restore_attention(self.model, self._attention)
+                self._attention = None
+            if speed.get("compiled_layers"):
+                uncompile_layers(self.model)
+        return trainer, result, runtime, collator, speed, timer, sampler
+
+    def _run_trainer(self, train_data, collator, batch_size, base_val, resume):
         from accelerate.state import AcceleratorState
         from transformers import TrainingArguments
         from transformers.trainer_callback import ProgressCallback
 
         cfg, device = self.cfg, self.ctx.device
-        train_data, collator, batch_size, speed = self._batches()
-        self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
         # accelerate keeps one process-wide state: without a reset, a second run in the same process
         # (run_all, tests) inherits the first run's mixed precision.
         AcceleratorState._reset_state(reset_partial_state=True)
@@ -664,14 +674,7 @@ class TrainingRun:
             if sampler is not None:
                 sampler.stop()
             raise
-        finally:
-            if self._attention is not None:
-                restore_attention(self.model, self._attention)
-                self._attention = None
-            if self._compiled:  # evaluation and generation afterwards run the layers as they were
-                uncompile_layers(self.model)
-                self._compiled = False
-        return trainer, result, time.time() - t0, collator, speed, timer, sampler
+        return trainer, result, time.time() - t0, timer, sampler
 
     def save(self, metrics: dict) -> Path:
         out, staging = Path(self.cfg.output_dir), self.staging
