@@ -495,7 +495,8 @@ class TrainingRun:
             if cfg.liger == "on":
                 raise UsageError("--liger on: Liger kernels need a CUDA GPU and the liger-kernel package")
             liger = False
-        speed["liger"] = liger and ("all" if self.method.LIGER_FUSED_CE else "without fused cross-entropy")
+        speed["liger"] = liger and ("fused cross-entropy only" if compiled else
+                                    "all" if self.method.LIGER_FUSED_CE else "without fused cross-entropy")
         if self.ctx.gradient_checkpointing:
             speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
         if compiled:
