@@ -128,22 +128,65 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     return metrics
 
 
+RUN_TIMEOUT = None  # seconds a run in its own process may take (--run_timeout)
+
+
 def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, padded_groups=False, nproc=1, env=None):
     """run_ours in a fresh process: peak memory then counts this run alone (a model freed in the same process
     can leave memory behind that inflates the next run's peak). `nproc` > 1: that many data-parallel
-    processes, one per GPU (torch.distributed.run, as accelerate launch does); `env`: more variables (FSDP's)."""
+    processes, one per GPU (torch.distributed.run, as accelerate launch does); `env`: more variables (FSDP's).
+    The end of each run's output is appended to runs.log beside the results."""
+    import signal
     import subprocess
 
     spec = json.dumps({"name": name, "ckpt": ckpt, "steps": steps, "tokens_per_batch": tokens_per_batch,
                        "overrides": overrides, "seed": seed, "padded_groups": padded_groups})
     launcher = ["-m", "torch.distributed.run", "--nproc_per_node", str(nproc)] if nproc > 1 else []
-    proc = subprocess.run([sys.executable, *launcher, __file__, "--one", spec], capture_output=True, text=True,
-                          env={**os.environ, "NCCL_NVLS_ENABLE": "0", **(env or {})})
-    for line in proc.stdout.splitlines():
+    print(f"{time.strftime('%H:%M:%S')} start {name} x{nproc} {json.dumps(overrides)}", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen([sys.executable, *launcher, __file__, "--one", spec], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "NCCL_NVLS_ENABLE": "0", **(env or {})})
+    try:
+        stdout, stderr = proc.communicate(timeout=RUN_TIMEOUT)
+        timed_out = False
+    except subprocess.TimeoutExpired:
+        for pid in [proc.pid, *_descendants(proc.pid)]:  # the launcher's workers run in sessions of their own
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        stdout, stderr = proc.communicate()
+        timed_out = True
+    log = Path(os.environ.get("OUT") or HERE / "results") / "runs.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("a") as f:
+        f.write(f"\n== {name} x{nproc} {json.dumps(overrides)}: {time.time() - t0:.0f} s\n")
+        f.write("\n".join((stderr or "").splitlines()[-40:]) + "\n")
+    for line in stdout.splitlines():
         if "RESULT " in line:
             return json.loads(line.split("RESULT ", 1)[1])
-    tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
+    if timed_out:
+        raise RuntimeError(f"stopped after --run_timeout {RUN_TIMEOUT} s")
+    tail = (stderr or stdout).strip().splitlines()[-3:]
     raise RuntimeError(" / ".join(tail)[-400:])
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process started, directly or not, by `pid` (from /proc: no psutil on the benchmark machine)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
 
 
 def flops_per_token(params, checkpointed_share):
@@ -169,6 +212,8 @@ def main(argv=None):
     p.add_argument("--logging_steps", type=int, default=1, help="multi-GPU runs: log (and compare) the loss every N "
                    "steps; each log waits for the GPUs and gathers the loss from every process")
     p.add_argument("--set", default="", help="training settings for every run of ours, e.g. 'compile=on'")
+    p.add_argument("--run_timeout", type=float, default=None, help="stop a run (and its processes) after this "
+                   "many seconds, record it as failed and go on")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of these results files, "
                    "merged (the plain recipe and ours run at once on two GPUs of one machine, each with its own OUT)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
@@ -180,6 +225,8 @@ def main(argv=None):
         if int(os.environ.get("RANK", "0")) == 0:
             print("RESULT " + json.dumps(m))
         return
+    global RUN_TIMEOUT
+    RUN_TIMEOUT = args.run_timeout
     if args.merge:
         results = {}
         for path in args.merge:
