@@ -74,6 +74,8 @@ def compile_layers(model, fallback: bool = False) -> int:
     import torch
 
     layers = decoder_layers(model)
+    if not layers:  # an architecture without transformers' checkpointing layers: nothing to compile
+        return 0
     # every layer is another instance of the same code; a guard per instance must not exhaust the cache
     dynamo = torch._dynamo.config
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
@@ -93,5 +95,6 @@ def uncompile_layers(model) -> None:
 
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
+    torch._dynamo.reset()  # the compiled code and its guards keep references to this model
     if _suppressed:
         torch._dynamo.config.suppress_errors = _suppressed.pop()
