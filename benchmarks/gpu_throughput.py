@@ -208,6 +208,9 @@ def main(argv=None):
     p.add_argument("--variants", default="", help="extra runs, e.g. 'lora:checkpoint_share=0.5;adapter:liger=off'")
     p.add_argument("--num_gpus", type=int, default=1, help="also run each method data-parallel on this many "
                    "GPUs, against one GPU with the same effective batch (gradient accumulation 2 vs 1 each)")
+    p.add_argument("--per_gpu_baseline", action="store_true", help="with --num_gpus: also one GPU with gradient "
+                   "accumulation 1 (the same work per GPU; the default accumulation of 1 on n GPUs is n times the "
+                   "global batch)")
     p.add_argument("--skip_fsdp", action="store_true", help="with --num_gpus: no FSDP run for QLoRA")
     p.add_argument("--logging_steps", type=int, default=1, help="multi-GPU runs: log (and compare) the loss every N "
                    "steps; each log waits for the GPUs and gathers the loss from every process")
@@ -263,7 +266,7 @@ def main(argv=None):
         results["multi_gpu"] = {}  # filled and saved run by run: a call cut short keeps what finished
         multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus, args.logging_steps,
                   fsdp=not args.skip_fsdp, common=settings(args.set), out=results["multi_gpu"],
-                  saved=lambda: save(results))
+                  saved=lambda: save(results), per_gpu_baseline=args.per_gpu_baseline)
         save(results)
     common = settings(args.set)
     runs = [(n, n, dict(common)) for n in names] if not args.skip_single else []
@@ -304,19 +307,23 @@ def settings(text):
 
 
 def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=True, common=None, out=None,
-              saved=lambda: None):
+              saved=lambda: None, per_gpu_baseline=False):
     """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch.
-    QLoRA also sharded with FSDP (--fsdp) on the n GPUs. Rows go into `out` as they finish; `saved` writes them."""
+    QLoRA also sharded with FSDP (--fsdp) on the n GPUs. `per_gpu_baseline`: also one GPU with gradient
+    accumulation 1, the same work per GPU (what --num_gpus n does to a run with the default accumulation of 1:
+    n times the global batch). Rows go into `out` as they finish; `saved` writes them."""
     from medpeft.distributed import fsdp_environment
 
     out = {} if out is None else out
     for name in names:
         row = out[name] = {}
-        runs = [("one", 1, None), ("many", n, None)] + ([("fsdp", n, fsdp_environment())] if name == "qlora" and fsdp else [])
-        for label, nproc, env in runs:
+        runs = [("one", 1, n, None), ("many", n, n, None)]
+        runs += [("one_ga1", 1, 1, None)] if per_gpu_baseline else []
+        runs += [("fsdp", n, n, fsdp_environment())] if name == "qlora" and fsdp else []
+        for label, nproc, accumulation, env in runs:
             try:
                 m = run_ours_isolated(name, ckpt, steps, tokens_per_batch,
-                                      {**(common or {}), "gradient_accumulation_steps": n,
+                                      {**(common or {}), "gradient_accumulation_steps": accumulation,
                                        "logging_steps": logging_steps},
                                       seed=1, nproc=nproc, env=env)
             except Exception as exc:  # keep the other rows
@@ -336,13 +343,14 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=Tru
             rel = [abs(x - y) / x for x, y in zip(a, b)]
             row.update(scaling=round(row["many"]["useful_tokens_per_s"] / row["one"]["useful_tokens_per_s"], 3),
                        curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5))
+            if "error" not in row.get("one_ga1", {"error": 1}):
+                row.update(scaling_same_per_gpu=round(
+                    row["many"]["useful_tokens_per_s"] / row["one_ga1"]["useful_tokens_per_s"], 3))
             if "error" not in row.get("fsdp", {"error": 1}):
                 rel = [abs(x - y) / x for x, y in zip(a, row["fsdp"]["curve"])]
                 row.update(fsdp_scaling=round(row["fsdp"]["useful_tokens_per_s"] / row["one"]["useful_tokens_per_s"], 3),
                            fsdp_curve_max_rel_diff=round(max(rel), 5))
-        print(name, json.dumps({k: v for k, v in row.items() if k not in ("one", "many")}),
-              json.dumps({k: {kk: vv for kk, vv in v.items() if kk != "curve"} for k, v in row.items()
-                          if k in ("one", "many")}), flush=True)
+        print(name, json.dumps({k: v for k, v in row.items() if not isinstance(v, dict)}), flush=True)
     print(f"\n| method | 1 GPU useful tok/s | {n} GPUs useful tok/s | scaling | peak GB per GPU (1 / {n}) "
           "| loss curves max rel. diff |\n|---|---:|---:|---:|---|---:|")
     for name, r in out.items():
@@ -350,6 +358,10 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=Tru
             print(f"| {name} | {r['one']['useful_tokens_per_s']:.0f} | {r['many']['useful_tokens_per_s']:.0f} | "
                   f"{r['scaling']:.2f}x | {r['one']['peak_gb_per_gpu']} / {r['many']['peak_gb_per_gpu']} | "
                   f"{r['curve_max_rel_diff']:.4f} ({r['curve_steps']} steps) |")
+        if "scaling_same_per_gpu" in r:
+            print(f"| {name}, 1 GPU with accumulation 1 | {r['one_ga1']['useful_tokens_per_s']:.0f} | "
+                  f"{r['many']['useful_tokens_per_s']:.0f} | {r['scaling_same_per_gpu']:.2f}x | "
+                  f"{r['one_ga1']['peak_gb_per_gpu']} / {r['many']['peak_gb_per_gpu']} | (other global batch) |")
         if "fsdp_scaling" in r:
             print(f"| {name}, FSDP | {r['one']['useful_tokens_per_s']:.0f} | {r['fsdp']['useful_tokens_per_s']:.0f} | "
                   f"{r['fsdp_scaling']:.2f}x | {r['one']['peak_gb_per_gpu']} / {r['fsdp']['peak_gb_per_gpu']} | "
