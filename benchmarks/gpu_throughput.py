@@ -262,13 +262,13 @@ def main(argv=None):
         results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch)
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
+    common = settings(args.set)
     if args.num_gpus > 1:
         results["multi_gpu"] = {}  # filled and saved run by run: a call cut short keeps what finished
         multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus, args.logging_steps,
-                  fsdp=not args.skip_fsdp, common=settings(args.set), out=results["multi_gpu"],
+                  fsdp=not args.skip_fsdp, common=common, out=results["multi_gpu"],
                   saved=lambda: save(results), per_gpu_baseline=args.per_gpu_baseline)
         save(results)
-    common = settings(args.set)
     runs = [(n, n, dict(common)) for n in names] if not args.skip_single else []
     for spec in filter(None, args.variants.split(";")):
         name, _, kv = spec.partition(":")
