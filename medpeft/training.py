@@ -600,7 +600,7 @@ class TrainingRun:
         settings["data_created"] = self.metadata.get("created")  # a re-prepared dataset is other data
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
 
-    def _train(self, base_val: dict, resume: Path | None):
+    def _train(self, base_val: dict | None, resume: Path | None):
         train_data, collator, batch_size, speed = self._batches()
         self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
         try:

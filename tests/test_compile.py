@@ -73,8 +73,7 @@ def test_a_layer_that_fails_to_compile_runs_eagerly_only_when_asked(tiny_model, 
         torch._dynamo.reset()
         speedups.compile_layers(model, fallback=True)
         assert torch.equal(model(input_ids=ids).logits, eager)
-        speedups.uncompile_layers(model)
-        torch._dynamo.reset()
+        speedups.uncompile_layers(model)  # also drops dynamo's compiled code
         speedups.compile_layers(model, fallback=False)
         with pytest.raises(Exception, match="this compiler cannot build the layer"):
             model(input_ids=ids)
