@@ -356,6 +356,18 @@ def load_trainable(model, path: Path) -> None:
             p.copy_(saved[name].to(p.device, p.dtype))
 
 
+def _finite_loss_callback(trainer):
+    """Stops a run whose loss is no longer finite before it logs, evaluates or saves a checkpoint."""
+    from transformers import TrainerCallback
+
+    class FiniteLoss(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # after the Trainer's flow callback sets its flags
+            if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
+                trainer.stop_if_not_finite()
+
+    return FiniteLoss()
+
+
 def _mark_complete_callback():
     from transformers import TrainerCallback
 
@@ -394,7 +406,10 @@ def _trainer_class():
 
     class MedpeftTrainer(Trainer):
         """Checkpoints hold the trainable weights only, in one format for every method (peft's own save keeps
-        P-Tuning's virtual tokens but not the encoder that makes them); a loss that is not finite stops at once."""
+        P-Tuning's virtual tokens but not the encoder that makes them); a loss that is not finite stops the run before
+        its next log, evaluation or checkpoint, naming the step where it happened."""
+
+        _first_bad = None
 
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
@@ -414,16 +429,30 @@ def _trainer_class():
 
         def training_step(self, model, inputs, num_items_in_batch=None):
             loss = super().training_step(model, inputs, num_items_in_batch)
-            if not bool(torch.isfinite(loss).all()):
-                step = self.state.global_step + 1
-                good = complete_checkpoints(Path(self.args.output_dir))
-                kept = (f"the last good checkpoint is {good[-1]} (step {good[-1].name.split('-')[-1]})" if good
-                        else "no checkpoint was saved before it (see --save_steps)")
-                raise TrainingStopped(
-                    f"training stopped at step {step}: the loss is {float(loss):g}. Likely causes: a learning rate "
-                    f"too high (--learning_rate {self.args.learning_rate:g}; try a tenth), an example that is empty "
-                    f"or corrupt, or overflow in 16-bit arithmetic (--dtype float32); {kept}")
+            # Noted on the device and read when the Trainer syncs anyway (log, save, evaluation, end): reading it
+            # here would make the CPU wait for every backward pass, and the GPU then wait for the CPU.
+            loss_now = loss.detach().double().reshape(-1)[:1]
+            if self._first_bad is None:  # (step, loss) of the first non-finite loss; inf while there is none
+                self._first_bad = torch.full((2,), float("inf"), dtype=torch.float64, device=loss.device)
+            found = torch.cat([torch.full_like(loss_now, self.state.global_step + 1), loss_now])  # no host copy
+            self._first_bad = torch.where(~torch.isfinite(loss_now) & torch.isinf(self._first_bad[:1]), found,
+                                          self._first_bad)
             return loss
+
+        def stop_if_not_finite(self):
+            if self._first_bad is None:
+                return
+            rows = self.accelerator.gather(self._first_bad[None]).reshape(-1, 2)  # every process stops alike
+            step, value = rows[int(rows[:, 0].argmin())].tolist()
+            if step == float("inf"):
+                return
+            good = complete_checkpoints(Path(self.args.output_dir))
+            kept = (f"the last good checkpoint is {good[-1]} (step {good[-1].name.split('-')[-1]})" if good
+                    else "no checkpoint was saved before it (see --save_steps)")
+            raise TrainingStopped(
+                f"training stopped at step {int(step)}: the loss is {value:g}. Likely causes: a learning rate "
+                f"too high (--learning_rate {self.args.learning_rate:g}; try a tenth), an example that is empty "
+                f"or corrupt, or overflow in 16-bit arithmetic (--dtype float32); {kept}")
 
     return MedpeftTrainer
 
@@ -646,6 +675,7 @@ class TrainingRun:
             group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
             ddp_find_unused_parameters=False,  # every trainable parameter takes part in every step
+            logging_nan_inf_filter=False,  # a non-finite loss stops the run (FiniteLoss): no per-step sync
         )
         # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
         # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
@@ -662,6 +692,7 @@ class TrainingRun:
             if quantized_non_peft:
                 self.model.is_quantized = True
         trainer.remove_callback(ProgressCallback)
+        trainer.add_callback(_finite_loss_callback(trainer))
         trainer.add_callback(_progress_callback(collator))
         if base_val is not None:
             trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
