@@ -194,10 +194,13 @@ class _StepTimer:
         else:
             seconds = t1 - t0
         real, padded = sum_over_processes([r1 - r0, p1 - p0])
+        ends = [m[0] for m in self.marks[:101]]  # the first 100 steps' times show the warm-up
+        steps = ([a.elapsed_time(b) / 1000 for a, b in zip(ends, ends[1:])] if self.device == "cuda"
+                 else [b - a for a, b in zip(ends, ends[1:])])
         return {"steady_tokens_per_s": round(real / seconds, 1),
                 "steady_padded_tokens_per_s": round(padded / seconds, 1),
                 "steady_step_s": round(seconds / (len(self.marks) - 1 - first), 4),
-                "steady_steps": len(self.marks) - 1 - first}
+                "steady_steps": len(self.marks) - 1 - first, "step_seconds_first_100": [round(x, 4) for x in steps]}
 
 
 def _progress_callback(collator):
