@@ -85,15 +85,11 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     if padded_groups:
         original = TrainingRun._batches
 
-        class FlatPad(PadCollator):
-            def __call__(self, groups):
-                return super().__call__([e for g in groups for e in g])
-
         def padded(self):
             data, _, batch_size, speed = original(self)
             restore_attention(self.model, self._attention)
             self._attention = None
-            return data, FlatPad(0), batch_size, dict(speed, packing=False, padded_groups=True)
+            return data, PadCollator(0), batch_size, dict(speed, packing=False, padded_groups=True)
 
         TrainingRun._batches = padded
 
@@ -160,9 +156,13 @@ def run_ours_isolated(name, ckpt, steps, tokens_per_batch, overrides, seed=0, pa
         timed_out = True
     log = Path(os.environ.get("OUT") or HERE / "results") / "runs.log"
     log.parent.mkdir(parents=True, exist_ok=True)
+    lines = (stderr or "").splitlines()
     with log.open("a") as f:
         f.write(f"\n== {name} x{nproc} {json.dumps(overrides)}: {time.time() - t0:.0f} s\n")
-        f.write("\n".join((stderr or "").splitlines()[-40:]) + "\n")
+        first = next((i for i, line in enumerate(lines) if line.startswith("Traceback")), None)
+        if first is not None and first < len(lines) - 40:  # a worker's own error, before the launcher's report
+            f.write("\n".join(lines[first:first + 60]) + "\n...\n")
+        f.write("\n".join(lines[-40:]) + "\n")
     for line in stdout.splitlines():
         if "RESULT " in line:
             return json.loads(line.split("RESULT ", 1)[1])
@@ -212,8 +212,9 @@ def main(argv=None):
                    "accumulation 1 (the same work per GPU; the default accumulation of 1 on n GPUs is n times the "
                    "global batch)")
     p.add_argument("--skip_fsdp", action="store_true", help="with --num_gpus: no FSDP run for QLoRA")
-    p.add_argument("--logging_steps", type=int, default=1, help="multi-GPU runs: log (and compare) the loss every N "
-                   "steps; each log waits for the GPUs and gathers the loss from every process")
+    p.add_argument("--logging_steps", type=int, default=5, help="runs of ours log (and the multi-GPU ones compare) "
+                   "the loss every N steps, as training does by default; each log waits for the GPU (and gathers the "
+                   "loss from every process). The correctness check logs every step")
     p.add_argument("--set", default="", help="training settings for every run of ours, e.g. 'compile=on'")
     p.add_argument("--run_timeout", type=float, default=None, help="stop a run (and its processes) after this "
                    "many seconds, record it as failed and go on")
@@ -262,10 +263,10 @@ def main(argv=None):
         results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch)
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
-    common = settings(args.set)
+    common = {"logging_steps": args.logging_steps, **settings(args.set)}
     if args.num_gpus > 1:
         results["multi_gpu"] = {}  # filled and saved run by run: a call cut short keeps what finished
-        multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus, args.logging_steps,
+        multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus,
                   fsdp=not args.skip_fsdp, common=common, out=results["multi_gpu"],
                   saved=lambda: save(results), per_gpu_baseline=args.per_gpu_baseline)
         save(results)
@@ -290,6 +291,7 @@ def main(argv=None):
             "useful_tokens_per_s": m["steady_tokens_per_s"], "padded_tokens_per_s": m["steady_padded_tokens_per_s"],
             "peak_gb": m["peak_memory_gb"], "step_s": m["steady_step_s"], "mfu": round(mfu, 3),
             "tokens_per_batch": tpb, **speed, "compile_stats": m.get("compile_stats"),
+            "step_seconds": m.get("step_seconds_first_100"),
             "wall_s": round(time.time() - t, 1)}
         print(label, json.dumps(results["ours"][label]), flush=True)
         save(results)
@@ -302,11 +304,16 @@ def settings(text):
     over = {}
     for item in filter(None, text.split(",")):
         k, _, v = item.partition("=")
-        over[k] = float(v) if k == "checkpoint_share" else int(v) if k == "tokens_per_batch" else v
+        for cast in (int, float, str):
+            try:
+                over[k] = cast(v)
+                break
+            except ValueError:
+                continue
     return over
 
 
-def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=True, common=None, out=None,
+def multi_gpu(names, ckpt, steps, tokens_per_batch, n, fsdp=True, common=None, out=None,
               saved=lambda: None, per_gpu_baseline=False):
     """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch.
     QLoRA also sharded with FSDP (--fsdp) on the n GPUs. `per_gpu_baseline`: also one GPU with gradient
@@ -323,8 +330,7 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=Tru
         for label, nproc, accumulation, env in runs:
             try:
                 m = run_ours_isolated(name, ckpt, steps, tokens_per_batch,
-                                      {**(common or {}), "gradient_accumulation_steps": accumulation,
-                                       "logging_steps": logging_steps},
+                                      {**(common or {}), "gradient_accumulation_steps": accumulation},
                                       seed=1, nproc=nproc, env=env)
             except Exception as exc:  # keep the other rows
                 row[label] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
@@ -335,8 +341,9 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, logging_steps=1, fsdp=Tru
                           "parameters_per_process": m.get("parameters_per_process"),
                           "validation_loss_base": m.get("validation_loss_base"),
                           "validation_loss_final": m.get("validation_loss_final"),
-                          "curve": [p["loss"] for p in m["loss_curve"]]}
-            print(name, label, json.dumps({k: v for k, v in row[label].items() if k != "curve"}), flush=True)
+                          "curve": [p["loss"] for p in m["loss_curve"]], "step_seconds": m.get("step_seconds_first_100")}
+            print(name, label, json.dumps({k: v for k, v in row[label].items() if k not in ("curve", "step_seconds")}),
+                  flush=True)
             saved()
         if "error" not in row.get("one", {"error": 1}) and "error" not in row.get("many", {"error": 1}):
             a, b = row["one"]["curve"], row["many"]["curve"]
@@ -437,8 +444,8 @@ def correctness_check(ckpt, steps, tokens_per_batch):
     # (2) curves over the same micro-batches (same examples, same order), each run in its own process
     curves = {}
     for label, over, padded in (("plain", {"liger": "off", "compile": "off"}, True), ("ours", {}, False)):
-        m = run_ours_isolated("qlora", ckpt, steps, tokens_per_batch, dict(over, packing="on"), seed=1,
-                              padded_groups=padded)
+        m = run_ours_isolated("qlora", ckpt, steps, tokens_per_batch, dict(over, packing="on", logging_steps=1),
+                              seed=1, padded_groups=padded)
         curves[label] = [p["loss"] for p in m["loss_curve"]]
     rel = [abs(a - b) / b for a, b in zip(curves["ours"], curves["plain"])]
     out.update(curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
