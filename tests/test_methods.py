@@ -199,3 +199,19 @@ def test_ptuning_text_init_reproduces_the_text_embeddings(tiny_model, processed,
         assert relative < 0.05, relative
     finally:
         run.cleanup()
+
+
+def test_trainer_counts_flops_as_transformers_does(tiny_model, tmp_path):
+    """medpeft's Trainer keeps the parameter count instead of recounting it at every micro-batch."""
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    from medpeft.training import _trainer_class
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    trainer = _trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+                                                                   report_to=[]))
+    per_token = 6 * model.num_parameters(exclude_embeddings=True)
+    for shape in ((3, 7), (1, 50), (8, 1)):
+        batch = {"input_ids": torch.ones(shape, dtype=torch.long)}
+        assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) == \
+            per_token * shape[0] * shape[1]
