@@ -97,6 +97,8 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     from medpeft.config import TrainConfig
     from medpeft.training import build
 
+    if os.environ.get("BENCH_PROFILE"):
+        profile_steps(name, overrides, *map(int, os.environ["BENCH_PROFILE"].split(":")))
     method, options, base = OURS[name]
     settings = dict(model_name=ckpt, data_path="-", output_dir=tempfile.mkdtemp(prefix="bench-") + "/out",
                     max_steps=steps, batch_size=8, max_length=512, learning_rate=2e-4, logging_steps=1,
@@ -122,6 +124,66 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
         gc.collect()
         torch.cuda.empty_cache()
     return metrics
+
+
+def profile_steps(name, overrides, first, count):
+    """Record optimizer steps first+1 .. first+count of every following run with torch.profiler: a Chrome trace
+    (.json.gz, open in ui.perfetto.dev) and a text summary per process, beside the results. The summary's first
+    line says how much of those steps' wall time the GPU spent in kernels."""
+    import gzip
+    import shutil
+
+    import torch
+    from transformers import TrainerCallback
+
+    from medpeft import training
+
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    accumulation = overrides.get("gradient_accumulation_steps", 1)
+    stem = Path(os.environ.get("OUT") or HERE / "results") / f"profile_{name}_{world}gpu_ga{accumulation}_rank{rank}"
+    cuda = torch.cuda.is_available()
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+
+    class Profile(TrainerCallback):
+        prof = None
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == first:
+                sync()
+                self.wall = time.perf_counter()
+                self.prof = torch.profiler.profile(activities=activities)
+                self.prof.__enter__()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.prof is None or state.global_step != first + count:
+                return
+            sync()
+            wall = time.perf_counter() - self.wall
+            self.prof.__exit__(None, None, None)
+            events = self.prof.key_averages()
+            kernels = sum(e.self_device_time_total for e in events) / 1e6
+            table = events.table(sort_by="self_device_time_total", row_limit=30)
+            stem.parent.mkdir(parents=True, exist_ok=True)
+            cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=30)
+            stem.with_suffix(".txt").write_text(
+                f"steps {first + 1}-{first + count}: wall {wall:.3f} s, GPU kernels {kernels:.3f} s "
+                f"({100 * kernels / wall:.0f}% busy)\n\n{table}\n\n{cpu_table}\n")
+            trace = str(stem) + ".json"
+            self.prof.export_chrome_trace(trace)
+            with open(trace, "rb") as src, gzip.open(trace + ".gz", "wb") as dst:
+                shutil.copyfileobj(src, dst)
+            os.remove(trace)
+            self.prof = None
+
+    base = training._trainer_class()
+
+    class Profiled(base):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            self.add_callback(Profile())
+
+    training._trainer_class = lambda: Profiled
 
 
 RUN_TIMEOUT = None  # seconds a run in its own process may take (--run_timeout)
@@ -218,6 +280,8 @@ def main(argv=None):
     p.add_argument("--set", default="", help="training settings for every run of ours, e.g. 'compile=on'")
     p.add_argument("--run_timeout", type=float, default=None, help="stop a run (and its processes) after this "
                    "many seconds, record it as failed and go on")
+    p.add_argument("--profile", default="", metavar="FIRST:COUNT", help="record steps FIRST+1..FIRST+COUNT of each "
+                   "run of ours with torch.profiler (a trace and a summary per process, beside the results)")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of these results files, "
                    "merged (the plain recipe and ours run at once on two GPUs of one machine, each with its own OUT)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
@@ -231,6 +295,8 @@ def main(argv=None):
         return
     global RUN_TIMEOUT
     RUN_TIMEOUT = args.run_timeout
+    if args.profile:
+        os.environ["BENCH_PROFILE"] = args.profile  # read by each run's own process
     if args.merge:
         results = {}
         for path in args.merge:
