@@ -696,6 +696,9 @@ class TrainingRun:
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
             ddp_find_unused_parameters=False,  # every trainable parameter takes part in every step
             logging_nan_inf_filter=False,  # a non-finite loss stops the run (FiniteLoss): no per-step sync
+            # pinned batches copied to the GPU asynchronously: a blocking copy makes the CPU wait for the previous
+            # step to finish, and the GPU then idles while the CPU prepares the next one
+            accelerator_config={"non_blocking": device == "cuda"},
         )
         # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
         # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
