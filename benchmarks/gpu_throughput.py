@@ -285,7 +285,11 @@ def main(argv=None):
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of these results files, "
                    "merged (the plain recipe and ours run at once on two GPUs of one machine, each with its own OUT)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
+    p.add_argument("--allreduce_probe", action="store_true", help=argparse.SUPPRESS)  # internal, under torchrun
     args = p.parse_args(argv)
+    if args.allreduce_probe:
+        allreduce_probe()
+        return
     if args.one:
         spec = json.loads(args.one)
         m = run_ours(spec["name"], spec["ckpt"], spec["steps"], spec["tokens_per_batch"], spec["overrides"],
@@ -379,6 +383,53 @@ def settings(text):
     return over
 
 
+def allreduce_probe():
+    """In each of the launched processes: all-reduce times of LoRA-sized gradients (QLoRA r16 all-linear on
+    Mistral-7B: 42M parameters, 168 MB in fp32) and of one DDP bucket (25 MB); the first process prints them."""
+    import torch
+    import torch.distributed as dist
+
+    cuda = torch.cuda.is_available()  # gloo on the CPU: a smoke test of the probe itself
+    dist.init_process_group("nccl" if cuda else "gloo")
+    rank = dist.get_rank()
+    if cuda:
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    out = {}
+    for label, numel, dtype in (("bucket_25MB_fp32", 25 * 2**20 // 4, torch.float32),
+                                ("lora_grads_168MB_fp32", 41_943_040, torch.float32),
+                                ("lora_grads_84MB_bf16", 41_943_040, torch.bfloat16)):
+        x = torch.ones(numel, dtype=dtype, device="cuda" if cuda else "cpu")
+        for _ in range(3):
+            dist.all_reduce(x)
+        sync()
+        start = time.perf_counter()
+        for _ in range(10):
+            dist.all_reduce(x)
+        sync()
+        ms = (time.perf_counter() - start) * 100  # per all-reduce, in ms
+        n = dist.get_world_size()
+        out[label] = {"ms": round(ms, 3), "bus_GB_s": round(x.numel() * x.element_size() * 2 * (n - 1) / n / ms / 1e6, 1)}
+    if rank == 0:
+        print("PROBE " + json.dumps(out), flush=True)
+    dist.destroy_process_group()
+
+
+def run_allreduce_probe(n):
+    """allreduce_probe on n GPUs, with NCCL's own account of the transport it chose (P2P/NVLink, SHM, ...)."""
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), __file__,
+                           "--allreduce_probe"], capture_output=True, text=True, timeout=180,
+                          env={**os.environ, "NCCL_NVLS_ENABLE": "0", "NCCL_DEBUG": "INFO"})
+    result = next((json.loads(line.split("PROBE ", 1)[1]) for line in done.stdout.splitlines() if "PROBE " in line),
+                  {"error": (done.stderr or done.stdout).strip()[-400:]})
+    result["nccl_transport"] = sorted({line.split(" via ", 1)[1].strip() for line in done.stdout.splitlines()
+                                       + done.stderr.splitlines() if "Channel" in line and " via " in line})[:6]
+    print("allreduce", json.dumps(result), flush=True)
+    return result
+
+
 def multi_gpu(names, ckpt, steps, tokens_per_batch, n, fsdp=True, common=None, out=None,
               saved=lambda: None, per_gpu_baseline=False):
     """Each method on one GPU with gradient accumulation n, then on n GPUs with 1 each: the same global batch.
@@ -388,6 +439,11 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, fsdp=True, common=None, o
     from medpeft.distributed import fsdp_environment
 
     out = {} if out is None else out
+    try:
+        out["allreduce"] = run_allreduce_probe(n)
+    except Exception as exc:  # the probe is a hint, not the measurement
+        out["allreduce"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+    saved()
     for name in names:
         row = out[name] = {}
         runs = [("one", 1, n, None), ("many", n, n, None)]
