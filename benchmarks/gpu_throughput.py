@@ -99,6 +99,8 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
 
     if os.environ.get("BENCH_PROFILE"):
         profile_steps(name, overrides, *map(int, os.environ["BENCH_PROFILE"].split(":")))
+    if os.environ.get("BENCH_DDP"):
+        ddp_options(json.loads(os.environ["BENCH_DDP"]))
     method, options, base = OURS[name]
     settings = dict(model_name=ckpt, data_path="-", output_dir=tempfile.mkdtemp(prefix="bench-") + "/out",
                     max_steps=steps, batch_size=8, max_length=512, learning_rate=2e-4, logging_steps=1,
@@ -184,6 +186,28 @@ def profile_steps(name, overrides, first, count):
             self.add_callback(Profile())
 
     training._trainer_class = lambda: Profiled
+
+
+def ddp_options(options):
+    """Experiments with DistributedDataParallel's settings (--ddp): e.g. {"comm_hook": "bf16",
+    "gradient_as_bucket_view": true, "static_graph": true, "bucket_cap_mb": 100}, set on accelerate's DDP
+    handler after the Trainer made it (which happens just before the model is wrapped)."""
+    from accelerate.utils import DDPCommunicationHookType
+
+    from medpeft import training
+
+    base = training._trainer_class()
+
+    class Tuned(base):
+        def _wrap_model(self, model, training=True, dataloader=None):
+            wrapped = super()._wrap_model(model, training, dataloader)
+            handler = self.accelerator.ddp_handler
+            if handler is not None:
+                for key, value in options.items():
+                    setattr(handler, key, DDPCommunicationHookType(value) if key == "comm_hook" else value)
+            return wrapped
+
+    training._trainer_class = lambda: Tuned
 
 
 RUN_TIMEOUT = None  # seconds a run in its own process may take (--run_timeout)
@@ -282,6 +306,8 @@ def main(argv=None):
                    "many seconds, record it as failed and go on")
     p.add_argument("--profile", default="", metavar="FIRST:COUNT", help="record steps FIRST+1..FIRST+COUNT of each "
                    "run of ours with torch.profiler (a trace and a summary per process, beside the results)")
+    p.add_argument("--ddp", default="", metavar="JSON", help="DistributedDataParallel settings for the multi-GPU runs, "
+                   'e.g. \'{"comm_hook": "bf16", "gradient_as_bucket_view": true}\' (an experiment, not medpeft\'s default)')
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of these results files, "
                    "merged (the plain recipe and ours run at once on two GPUs of one machine, each with its own OUT)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
@@ -301,6 +327,8 @@ def main(argv=None):
     RUN_TIMEOUT = args.run_timeout
     if args.profile:
         os.environ["BENCH_PROFILE"] = args.profile  # read by each run's own process
+    if args.ddp:
+        os.environ["BENCH_DDP"] = json.dumps(json.loads(args.ddp))
     if args.merge:
         results = {}
         for path in args.merge:
