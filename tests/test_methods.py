@@ -118,6 +118,14 @@ def test_save_then_load_reproduces_logits_and_generates(trained):
     assert generated.shape[1] > ids.shape[1]
 
 
+def test_step_times_add_up_to_the_steady_rate(trained):
+    m = trained["metrics"]
+    times = m["step_seconds_first_100"]
+    assert len(times) == 19 and all(t > 0 for t in times)  # between the ends of 20 steps
+    assert m["steady_steps"] == 16  # the first 3 are warm-up
+    assert abs(m["steady_step_s"] - sum(times[3:]) / 16) < 1e-3
+
+
 def test_output_directory(trained):
     out = Path(trained["out"])
     files = {p.name for p in out.iterdir()}
