@@ -44,6 +44,39 @@ def test_two_processes_follow_one_with_the_same_effective_batch(tiny_model, proc
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one.", ".two."))]
 
 
+POISONED = """
+import os, sys
+from medpeft import training
+from medpeft.cli import run
+
+original = training._trainer_class()
+
+
+class Poisoned(original):  # only the second process's loss turns NaN, at step 3
+    def compute_loss(self, model, inputs, *a, **k):
+        loss = super().compute_loss(model, inputs, *a, **k)
+        return loss * float("nan") if os.environ["RANK"] == "1" and self.state.global_step >= 2 else loss
+
+
+training._trainer_class = lambda: Poisoned
+sys.exit(run(sys.argv[1:]))
+"""
+
+
+def test_a_loss_gone_bad_on_one_process_stops_every_process(tiny_model, processed, tmp_path):
+    script = tmp_path / "poisoned.py"
+    script.write_text(POISONED)
+    argv = ["train", "--method", "qlora", "--no-load_in_4bit", "--model_name", tiny_model, "--data_path", processed,
+            "--output_dir", str(tmp_path / "m"), "--max_steps", "6", "--batch_size", "8", "--report_to", "none",
+            "--max_eval_samples", "8", "--logging_steps", "2", "--save_steps", "0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", str(script), *argv],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode != 0
+    assert done.stderr.count("training stopped at step 3: the loss is nan") == 2, done.stderr[-3000:]  # both, no hang
+    assert not (tmp_path / "m").exists()
+
+
 def test_num_gpus_beyond_the_machine_is_refused(tiny_model, processed, tmp_path, capsys):
     from medpeft.cli import run
 
