@@ -390,11 +390,22 @@ def main(argv=None):
             "peak_gb": m["peak_memory_gb"], "step_s": m["steady_step_s"], "mfu": round(mfu, 3),
             "tokens_per_batch": tpb, **speed, "compile_stats": m.get("compile_stats"),
             "step_seconds": m.get("step_seconds_first_100"),
-            "wall_s": round(time.time() - t, 1)}
+            "useful_tokens_per_s_median_step": median_rate(m), "wall_s": round(time.time() - t, 1)}
         print(label, json.dumps(results["ours"][label]), flush=True)
         save(results)
     table(results, names)
     print(f"wrote {save(results)}")
+
+
+def median_rate(metrics):
+    """Useful tokens/s at the median steady step: what a long run sees when a few steps of a short one are slowed
+    by one-off work (Triton compiling a kernel for a new shape). Tokens per step: the steady mean's."""
+    import statistics
+
+    times = (metrics.get("step_seconds_first_100") or [])[3:]
+    if not times or not metrics.get("steady_step_s"):
+        return None
+    return round(metrics["steady_tokens_per_s"] * metrics["steady_step_s"] / statistics.median(times))
 
 
 def settings(text):
@@ -491,7 +502,8 @@ def multi_gpu(names, ckpt, steps, tokens_per_batch, n, fsdp=True, common=None, o
                           "parameters_per_process": m.get("parameters_per_process"),
                           "validation_loss_base": m.get("validation_loss_base"),
                           "validation_loss_final": m.get("validation_loss_final"),
-                          "curve": [p["loss"] for p in m["loss_curve"]], "step_seconds": m.get("step_seconds_first_100")}
+                          "curve": [p["loss"] for p in m["loss_curve"]], "step_seconds": m.get("step_seconds_first_100"),
+                          "useful_tokens_per_s_median_step": median_rate(m)}
             print(name, label, json.dumps({k: v for k, v in row[label].items() if k not in ("curve", "step_seconds")}),
                   flush=True)
             saved()
