@@ -402,8 +402,11 @@ def median_rate(metrics):
     by one-off work (Triton compiling a kernel for a new shape). Tokens per step: the steady mean's."""
     import statistics
 
-    times = (metrics.get("step_seconds_first_100") or [])[3:]
-    if not times or not metrics.get("steady_step_s"):
+    if not metrics.get("steady_steps"):
+        return None
+    first = metrics["steps"] - 1 - metrics["steady_steps"]  # the warm-up steps the steady rate leaves out
+    times = (metrics.get("step_seconds_first_100") or [])[first:]
+    if not times:
         return None
     return round(metrics["steady_tokens_per_s"] * metrics["steady_step_s"] / statistics.median(times))
 

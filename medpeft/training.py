@@ -189,14 +189,17 @@ class _StepTimer:
         first = min(3, len(self.marks) // 4)
         (t0, r0, p0), (t1, r1, p1) = self.marks[first], self.marks[-1]
         if self.device == "cuda":
-            t1.synchronize()
-            seconds = t0.elapsed_time(t1) / 1000
+            t1.synchronize()  # every earlier event has completed too
+
+            def elapsed(a, b):
+                return a.elapsed_time(b) / 1000
         else:
-            seconds = t1 - t0
+            def elapsed(a, b):
+                return b - a
+        seconds = elapsed(t0, t1)
         real, padded = sum_over_processes([r1 - r0, p1 - p0])
         ends = [m[0] for m in self.marks[:101]]  # the first 100 steps' times show the warm-up
-        steps = ([a.elapsed_time(b) / 1000 for a, b in zip(ends, ends[1:])] if self.device == "cuda"
-                 else [b - a for a, b in zip(ends, ends[1:])])
+        steps = [elapsed(a, b) for a, b in zip(ends, ends[1:])]
         return {"steady_tokens_per_s": round(real / seconds, 1),
                 "steady_padded_tokens_per_s": round(padded / seconds, 1),
                 "steady_step_s": round(seconds / (len(self.marks) - 1 - first), 4),
