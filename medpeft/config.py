@@ -99,9 +99,8 @@ class TrainConfig:
     dtype: str = opt("auto", "dtype of a base that is not 4-bit (auto = bf16 on a GPU, fp32 on a CPU; bfloat16 is "
                              "about twice as fast on CPUs with bf16 instructions)", ["auto", "float32", "bfloat16"])
     packing: str = opt("auto", "pack examples end to end into token-budget micro-batches with no attention across "
-                               "them, no padding; P-Tuning, which cannot pack, gets token-budget batches of similar "
-                               "lengths, padded (auto = on CUDA)", ["auto", "on", "off"])
-    tokens_per_batch: int = opt(0, "token budget of a micro-batch with --packing (0 = batch_size x max_length)")
+                               "them, no padding (auto = on CUDA, for methods that allow it)", ["auto", "on", "off"])
+    tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
     liger: str = opt("auto", "Liger Triton kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE "
                              "(auto = on CUDA when liger-kernel is installed)", ["auto", "on", "off"])
     compile: str = opt("auto", "torch.compile each decoder layer: fused kernels, less Python per step; the first "

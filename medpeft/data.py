@@ -734,11 +734,9 @@ class PadCollator:
         self.real_tokens = 0
         self.padded_tokens = 0
 
-    def __call__(self, examples: list[dict] | list[list[dict]]) -> dict:
-        """Examples, or groups of them (token-budget batches come as one group each)."""
+    def __call__(self, examples: list[dict]) -> dict:
         import torch
 
-        examples = [e for g in examples for e in (g if isinstance(g, list) else [g])]
         width = max(len(e["input_ids"]) for e in examples)
         ids = torch.full((len(examples), width), self.pad_token_id, dtype=torch.long)
         labels = torch.full((len(examples), width), -100, dtype=torch.long)

@@ -1,7 +1,6 @@
 """Padding-free training batches: examples packed end to end into one row, kept apart inside attention.
 
     batches = pack_batches(lengths, budget=4096, seed=0)   # lists of example indices, each <= budget tokens
-    batches = padded_batches(lengths, budget=4096)         # for a method that cannot pack: count x longest <= budget
     collate = PackedCollator()                             # one pack -> input_ids [1, T], position_ids restart
     enable_varlen_attention(model)                         # attention never crosses an example boundary
 
@@ -42,27 +41,6 @@ def pack_batches(lengths: list[int], budget: int, seed: int = 0) -> list[list[in
             groups.append([i])
             room.append(budget - n)
     return groups
-
-
-def padded_batches(lengths: list[int], budget: int, seed: int = 0, extra: int = 0) -> list[list[int]]:
-    """Indices grouped into padded batches of similar lengths, for a method that cannot pack: each group's padded
-    size, count x (its longest + `extra`), is at most `budget` (an example longer than that gets a group of its
-    own). Examples are shuffled, sorted by length within windows of 1,024, and the groups shuffled again: little
-    padding, without ordering the epoch by length. `extra`: tokens the method adds to every example."""
-    rng = random.Random(seed)
-    order = list(range(len(lengths)))
-    rng.shuffle(order)
-    groups: list[list[int]] = []
-    for start in range(0, len(order), 1024):
-        group: list[int] = []
-        for i in sorted(order[start:start + 1024], key=lambda i: -lengths[i]):
-            if group and (lengths[group[0]] + extra) * (len(group) + 1) > budget:  # the first is the longest
-                groups.append(group)
-                group = []
-            group.append(i)
-        groups.append(group)
-    rng.shuffle(groups)
-    return [g for g in groups if g]
 
 
 class PackedCollator:

@@ -36,7 +36,7 @@ from .evaluation import answer_loss
 from .export import hub_token, write_model_card
 from .modeling import (default_device, load_model, load_tokenizer, pin_4bit_layout, prepare_kbit, resolve_dtype,
                        resolve_model)
-from .packing import PackedCollator, enable_varlen_attention, pack_batches, padded_batches, restore_attention
+from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
 
 CONFIG_FILE = "medpeft_config.json"
@@ -509,27 +509,23 @@ class TrainingRun:
         packing applies (CUDA by default), else padded batches; Liger kernels and partial checkpointing on top."""
         cfg, device = self.cfg, self.ctx.device
         packing = cfg.packing == "on" or (cfg.packing == "auto" and device == "cuda")
-        padded_budget = packing and not self.method.PACKING  # token-budget micro-batches all the same, padded
-        packing = packing and self.method.PACKING
+        if packing and not self.method.PACKING:
+            if cfg.packing == "on":
+                raise UsageError(f"--packing on: {self.method_name} cannot pack examples into one row; "
+                                 "use --packing off or auto")
+            packing = False
         speed = {"packing": packing}
         # micro-batches per optimizer step: an epoch's last step, when partial, would hold repeated examples on
         # some processes (or fewer micro-batches on one): trimmed, so that 1 and N processes take the same steps
         unit = process_count() * cfg.gradient_accumulation_steps
-        if packing or padded_budget:
+        if packing:
             budget = token_budget(cfg)
-            lengths = [len(e["input_ids"]) for e in self.train_examples]
-            groups = (pack_batches(lengths, budget, cfg.seed) if packing else
-                      padded_batches(lengths, budget, cfg.seed, extra=getattr(self.opts, "num_virtual_tokens", 0)))
+            groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget, cfg.seed)
             if unit > 1 and len(groups) > unit:
                 groups = groups[:len(groups) - len(groups) % unit]
             data = [[self.train_examples[i] for i in g] for g in groups]
-            batch_size = 1
-            if packing:
-                collator = PackedCollator()
-                self._attention = enable_varlen_attention(self.model)
-            else:
-                collator = PadCollator(self.tokenizer.pad_token_id)
-                speed["padded_token_budget"] = True
+            collator, batch_size = PackedCollator(), 1
+            self._attention = enable_varlen_attention(self.model)
             speed.update(tokens_per_batch=budget, micro_batches=len(groups),
                          examples_per_micro_batch=round(len(self.train_examples) / len(groups), 2))
         else:

@@ -36,8 +36,6 @@ MATRIX = {
     "adapter-bf16": ("adapter", dict(adapter_size=16), dict(learning_rate=1e-2, dtype="bfloat16"), ("adapters.",)),
     "ptuning-mlp": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32), dict(learning_rate=3e-2),
                     ("prompt_encoder",)),
-    "ptuning-budget": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32),
-                       dict(learning_rate=3e-2, packing="on", tokens_per_batch=1024), ("prompt_encoder",)),
     "ptuning-lstm": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32,
                                      encoder_reparameterization_type="LSTM"), dict(learning_rate=3e-2),
                      ("prompt_encoder",)),

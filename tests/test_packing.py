@@ -5,7 +5,7 @@ import torch
 
 from medpeft.data import PadCollator, answer_examples, load_split
 from medpeft.errors import UsageError
-from medpeft.packing import PackedCollator, enable_varlen_attention, pack_batches, padded_batches, restore_attention
+from medpeft.packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
 
 
 def test_pack_batches_uses_every_example_once_within_the_budget():
@@ -78,39 +78,9 @@ def _fit_refused(tiny_model, processed, out, method, options, match, **settings)
         run.cleanup()
 
 
-def test_padded_batches_group_similar_lengths_within_the_budget():
-    lengths = [int(x) for x in torch.randint(5, 500, (3000,), generator=torch.Generator().manual_seed(0))] + [900]
-    groups = padded_batches(lengths, budget=2048, seed=1, extra=20)
-    assert sorted(i for g in groups for i in g) == list(range(len(lengths)))
-    for g in groups:
-        assert len(g) * (max(lengths[i] for i in g) + 20) <= 2048 or len(g) == 1
-    padded = sum(len(g) * max(lengths[i] for i in g) for g in groups)
-    assert sum(lengths) / padded > 0.95  # similar lengths side by side (eight at random would pad to ~0.6)
-    assert len(groups) < 1.15 * (sum(lengths) + 20 * len(lengths)) / 2048  # batches nearly full
-    firsts = [max(lengths[i] for i in g) for g in groups[:20]]
-    assert firsts != sorted(firsts) and firsts != sorted(firsts, reverse=True)  # not ordered by length
-    assert padded_batches(lengths, 2048, seed=1, extra=20) == groups != padded_batches(lengths, 2048, seed=2)
-
-
-def test_ptuning_with_packing_gets_padded_token_budget_batches(tiny_model, processed, tmp_path):
-    """P-Tuning cannot pack (its virtual tokens go once before a row): with --packing on (auto on CUDA) its
-    micro-batches are similar lengths up to the token budget, padded, instead of --batch_size examples."""
-    from medpeft import methods
-    from medpeft.config import TrainConfig
-    from medpeft.training import build
-
-    cfg = TrainConfig(model_name=tiny_model, data_path=processed, output_dir=str(tmp_path / "p"), max_steps=3,
-                      batch_size=2, packing="on", tokens_per_batch=1024, report_to="none", max_eval_samples=4)
-    run = build("ptuning", cfg, methods.get("ptuning").Options(num_virtual_tokens=4), log=lambda *a: None)
-    try:
-        metrics = run.fit()
-    finally:
-        run.cleanup()
-    speed = metrics["speed_settings"]
-    assert speed["packing"] is False and speed["padded_token_budget"] is True and speed["tokens_per_batch"] == 1024
-    assert speed["examples_per_micro_batch"] > 2 * cfg.batch_size
-    assert metrics["tokens_per_s"] / metrics["padded_tokens_per_s"] > 0.9  # little padding
-    assert metrics["steps"] == 3 and all(p["loss"] == p["loss"] for p in metrics["loss_curve"])
+def test_packing_on_refused_for_ptuning(tiny_model, processed, tmp_path):
+    _fit_refused(tiny_model, processed, tmp_path / "p", "ptuning", dict(num_virtual_tokens=4), "cannot pack",
+                 packing="on")
 
 
 def test_liger_on_without_a_gpu_is_a_clear_error(tiny_model, processed, tmp_path):
