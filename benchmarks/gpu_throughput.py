@@ -101,6 +101,12 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
         profile_steps(name, overrides, *map(int, os.environ["BENCH_PROFILE"].split(":")))
     if os.environ.get("BENCH_DDP"):
         ddp_options(json.loads(os.environ["BENCH_DDP"]))
+    if os.environ.get("BENCH_AUTO_GC"):  # an A/B of medpeft.training.scheduled_gc: Python's collector left on
+        import contextlib
+
+        import medpeft.training
+
+        medpeft.training.scheduled_gc = contextlib.nullcontext
     method, options, base = OURS[name]
     settings = dict(model_name=ckpt, data_path="-", output_dir=tempfile.mkdtemp(prefix="bench-") + "/out",
                     max_steps=steps, batch_size=8, max_length=512, learning_rate=2e-4, logging_steps=1,
@@ -308,6 +314,8 @@ def main(argv=None):
                    "run of ours with torch.profiler (a trace and a summary per process, beside the results)")
     p.add_argument("--ddp", default="", metavar="JSON", help="DistributedDataParallel settings for the multi-GPU runs, "
                    'e.g. \'{"comm_hook": "bf16", "gradient_as_bucket_view": true}\' (an experiment, not medpeft\'s default)')
+    p.add_argument("--auto_gc", action="store_true", help="leave Python's garbage collector on while training "
+                   "(medpeft turns it off and collects on a schedule): an A/B of that choice")
     p.add_argument("--merge", nargs="+", metavar="JSON", help="only print the table of these results files, "
                    "merged (the plain recipe and ours run at once on two GPUs of one machine, each with its own OUT)")
     p.add_argument("--one", help=argparse.SUPPRESS)  # internal: one run, in its own process
@@ -327,6 +335,8 @@ def main(argv=None):
     RUN_TIMEOUT = args.run_timeout
     if args.profile:
         os.environ["BENCH_PROFILE"] = args.profile  # read by each run's own process
+    if args.auto_gc:
+        os.environ["BENCH_AUTO_GC"] = "1"
     if args.ddp:
         os.environ["BENCH_DDP"] = json.dumps(json.loads(args.ddp))
     if args.merge:

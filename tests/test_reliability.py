@@ -1,6 +1,7 @@
 """Reliability: a killed run resumes to the same weights, training that goes wrong stops with a clear message."""
 
 import errno
+import gc
 import json
 import os
 import signal
@@ -143,6 +144,38 @@ def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoi
     good = load_file(str(training.checkpoint_dir(out) / "checkpoint-4" / training.TRAINABLE_FILE))
     assert all(torch.isfinite(t).all() for t in good.values())
     assert not out.exists()
+    assert gc.isenabled()  # the collector is back after a run that stopped
+
+
+def test_no_automatic_garbage_collection_lands_inside_training(tiny_model, processed, tmp_path, monkeypatch):
+    """Python's full collections pause a real 7B process for 0.25 s or more, at steps of their own choosing (and
+    under data parallel every process waits for the one collecting): while training the collector is off, young
+    objects are collected every GC_EVERY steps, everything at checkpoints, and the collector is on again after."""
+    from medpeft import training
+
+    monkeypatch.setattr(training, "GC_EVERY", 3)
+    original = training._trainer_class()
+    steps, collections = [], []
+
+    class Watch(original):
+        def training_step(self, *a, **k):
+            steps.append(gc.isenabled())
+            return super().training_step(*a, **k)
+
+    def record(phase, info):
+        if phase == "start" and steps and not gc.isenabled():
+            collections.append((len(steps), info["generation"]))
+
+    monkeypatch.setattr(training, "_trainer_class", lambda: Watch)
+    gc.callbacks.append(record)
+    try:
+        assert run(train_argv("lora", tiny_model, processed, tmp_path / "a")) == 0
+    finally:
+        gc.callbacks.remove(record)
+    assert len(steps) == 12 and not any(steps) and gc.isenabled()
+    assert {s for s, g in collections if g < 2} == {3, 6, 9}  # 12 is a checkpoint step: a full collection
+    assert {s for s, g in collections if g == 2} == {4, 8, 12}  # checkpoints every 4 steps
+    assert all(g in (1, 2) for _, g in collections)
 
 
 def test_out_of_memory_gives_advice_or_halves_the_batch(tiny_model, processed, tmp_path, monkeypatch, capsys):
