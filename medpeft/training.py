@@ -18,6 +18,7 @@ import functools
 import gc
 import importlib.util
 import json
+import os
 import platform
 import random
 import resource
@@ -703,10 +704,12 @@ class TrainingRun:
         from transformers.trainer_callback import ProgressCallback
 
         cfg, device = self.cfg, self.ctx.device
-        # accelerate keeps one process-wide state: without a reset, a second run in the same process
-        # (run_all, tests) inherits the first run's mixed precision.
+        # accelerate keeps one process-wide state, and TrainingArguments writes bf16 into the process's
+        # ACCELERATE_MIXED_PRECISION without ever taking it back: without both resets, a second run in the same
+        # process (run_all, tests) inherits the first run's mixed precision (fp32 P-Tuning under bf16 autocast).
         AcceleratorState._reset_state(reset_partial_state=True)
         use_bf16 = cfg.load_in_4bit or resolve_dtype(cfg.dtype, device) == torch.bfloat16
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if use_bf16 else "no"
         checkpoints = checkpoint_dir(cfg.output_dir)
         if sharded() and cfg.save_steps:
             self.log("--fsdp: no checkpoints are written (a sharded run cannot be resumed)")

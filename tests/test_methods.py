@@ -34,7 +34,7 @@ MATRIX = {
     "adapter-packed": ("adapter", dict(adapter_size=16), dict(learning_rate=1e-2, packing="on", tokens_per_batch=512),
                        ("adapters.",)),
     "adapter-bf16": ("adapter", dict(adapter_size=16), dict(learning_rate=1e-2, dtype="bfloat16"), ("adapters.",)),
-    "ptuning-mlp": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32), dict(learning_rate=3e-2),
+    "ptuning-mlp": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32), dict(learning_rate=5e-2),
                     ("prompt_encoder",)),
     "ptuning-lstm": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32,
                                      encoder_reparameterization_type="LSTM"), dict(learning_rate=3e-2),
@@ -66,6 +66,20 @@ def trained(request, tiny_model, processed, tmp_path_factory):
     run.save(metrics)
     run.cleanup()
     return dict(run=run, out=out, before=before, metrics=metrics, marks=marks, method=method)
+
+
+def test_a_run_does_not_inherit_the_precision_of_an_earlier_run_in_the_same_process(tiny_model, processed, tmp_path):
+    """run_all trains three methods in one process: an fp32 P-Tuning run after a bf16 (4-bit) one once trained
+    under bf16 autocast, because accelerate kept the first run's mixed precision for the whole process."""
+    curves = []
+    for i, name in enumerate(["ptuning-mlp", "qlora-nf4", "ptuning-mlp"]):
+        method, options, overrides, _ = MATRIX[name]
+        run = make(tiny_model, processed, tmp_path / str(i), method, options, overrides, max_steps=3)
+        try:
+            curves.append([p["loss"] for p in run.fit()["loss_curve"]])
+        finally:
+            run.cleanup()
+    assert curves[0] == curves[2] != curves[1]
 
 
 def test_loss_falls(trained):
