@@ -46,23 +46,27 @@ def pack_batches(lengths: list[int], budget: int, seed: int = 0) -> list[list[in
 class PackedCollator:
     """One group of tokenized examples -> a single row with restarting positions and example boundaries.
 
-    The first label of each example is ignored, so no example learns to predict the next one's first token."""
+    The first label of each example is ignored, so no example learns to predict the next one's first token.
+    `prefix` slots (token 0, no loss) open each example, for a method that fills them itself (P-Tuning's virtual
+    tokens); they count as neither useful nor padded tokens, as a method's own tokens do in padded batches."""
 
-    def __init__(self):
-        self.real_tokens = 0  # every token of a packed row is an example's token
+    def __init__(self, prefix: int = 0):
+        self.prefix = prefix
+        self.real_tokens = 0  # every token of a packed row is an example's token (or a method's prefix)
         self.padded_tokens = 0
 
     def __call__(self, groups: list[list[dict]] | list[dict]) -> dict:
         examples = [e for g in groups for e in (g if isinstance(g, list) else [g])]
         ids, labels, positions, starts = [], [], [], [0]
+        slots = [0] * self.prefix
         for e in examples:
             n = len(e["input_ids"])
-            ids.extend(e["input_ids"])
-            labels.extend([-100] + list(e["labels"][1:]))
-            positions.extend(range(n))
-            starts.append(starts[-1] + n)
-        self.real_tokens += len(ids)
-        self.padded_tokens += len(ids)
+            ids.extend(slots + list(e["input_ids"]))
+            labels.extend([-100] * (self.prefix + 1) + list(e["labels"][1:]))
+            positions.extend(range(self.prefix + n))
+            starts.append(starts[-1] + self.prefix + n)
+        self.real_tokens += len(ids) - self.prefix * len(examples)
+        self.padded_tokens += len(ids) - self.prefix * len(examples)
         cu = torch.tensor(starts, dtype=torch.int32)
         longest = max(b - a for a, b in zip(starts, starts[1:]))
         return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),

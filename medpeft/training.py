@@ -538,30 +538,27 @@ class TrainingRun:
         return answer_loss(model or self.model, self.val_examples, self.tokenizer.pad_token_id, self.cfg.batch_size,
                            desc)
 
-    _attention: str | None = None  # the attention implementation packing replaced, restored after fit
+    _unpack: tuple = ()  # what packing changed in the model (attention, a method's forward): undone after fit
 
     def _batches(self):
         """(training data, collator, per-device batch size, speed settings): packed token-budget rows where
         packing applies (CUDA by default), else padded batches; Liger kernels and partial checkpointing on top."""
         cfg, device = self.cfg, self.ctx.device
         packing = cfg.packing == "on" or (cfg.packing == "auto" and device == "cuda")
-        if packing and not self.method.PACKING:
-            if cfg.packing == "on":
-                raise UsageError(f"--packing on: {self.method_name} cannot pack examples into one row; "
-                                 "use --packing off or auto")
-            packing = False
         speed = {"packing": packing}
         # micro-batches per optimizer step: an epoch's last step, when partial, would hold repeated examples on
         # some processes (or fewer micro-batches on one): trimmed, so that 1 and N processes take the same steps
         unit = process_count() * cfg.gradient_accumulation_steps
         if packing:
             budget = token_budget(cfg)
-            groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget, cfg.seed)
+            slots, undo = self.method.pack(self.model) if hasattr(self.method, "pack") else (0, None)
+            groups = pack_batches([len(e["input_ids"]) + slots for e in self.train_examples], budget, cfg.seed)
             if unit > 1 and len(groups) > unit:
                 groups = groups[:len(groups) - len(groups) % unit]
             data = [[self.train_examples[i] for i in g] for g in groups]
-            collator, batch_size = PackedCollator(), 1
-            self._attention = enable_varlen_attention(self.model)
+            collator, batch_size = PackedCollator(slots), 1
+            previous = enable_varlen_attention(self.model)
+            self._unpack = ((undo,) if undo else ()) + (lambda: restore_attention(self.model, previous),)
             speed.update(tokens_per_batch=budget, micro_batches=len(groups),
                          examples_per_micro_batch=round(len(self.train_examples) / len(groups), 2))
         else:
@@ -691,9 +688,9 @@ class TrainingRun:
             trainer, result, runtime, timer, sampler = self._run_trainer(train_data, collator, batch_size, base_val,
                                                                          resume)
         finally:  # evaluation and generation afterwards run the model as it was
-            if self._attention is not None:
-                restore_attention(self.model, self._attention)
-                self._attention = None
+            for undo in self._unpack:
+                undo()
+            self._unpack = ()
             if speed.get("compiled_layers"):
                 uncompile_layers(self.model)
         return trainer, result, runtime, collator, speed, timer, sampler

@@ -33,6 +33,8 @@ MATRIX = {
                     ("lora_",)),
     "adapter-packed": ("adapter", dict(adapter_size=16), dict(learning_rate=1e-2, packing="on", tokens_per_batch=512),
                        ("adapters.",)),
+    "ptuning-packed": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32),
+                       dict(learning_rate=5e-2, packing="on", tokens_per_batch=512), ("prompt_encoder",)),
     "adapter-bf16": ("adapter", dict(adapter_size=16), dict(learning_rate=1e-2, dtype="bfloat16"), ("adapters.",)),
     "ptuning-mlp": ("ptuning", dict(num_virtual_tokens=8, encoder_hidden_size=32), dict(learning_rate=5e-2),
                     ("prompt_encoder",)),

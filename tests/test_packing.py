@@ -78,9 +78,69 @@ def _fit_refused(tiny_model, processed, out, method, options, match, **settings)
         run.cleanup()
 
 
-def test_packing_on_refused_for_ptuning(tiny_model, processed, tmp_path):
-    _fit_refused(tiny_model, processed, tmp_path / "p", "ptuning", dict(num_virtual_tokens=4), "cannot pack",
-                 packing="on")
+def test_collator_leaves_room_for_a_methods_prefix_before_each_example():
+    a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
+    b = {"input_ids": [8, 9], "labels": [-100, 9]}
+    collate = PackedCollator(prefix=2)
+    row = collate([[a, b]])
+    assert row["input_ids"].tolist() == [[0, 0, 5, 6, 7, 0, 0, 8, 9]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
+    assert row["labels"].tolist() == [[-100, -100, -100, 6, 7, -100, -100, -100, 9]]
+    assert row["cu_seq_lens_q"].tolist() == [0, 5, 9] and row["max_length_q"] == 5
+    assert collate.real_tokens == collate.padded_tokens == 5  # the prefix is the method's, not the data's
+
+
+def test_packed_ptuning_trains_each_example_as_peft_does_alone(tiny_model, processed):
+    """peft puts the virtual tokens once before a row; packed, each example gets its own, so its loss and the
+    prompt encoder's gradient are what peft's forward gives for the example alone."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from medpeft.methods import ptuning
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    base = AutoModelForCausalLM.from_pretrained(tiny_model, dtype=torch.float32, attn_implementation="sdpa")
+    torch.manual_seed(0)
+    model = get_peft_model(base, ptuning._prompt_config(ptuning.Options(num_virtual_tokens=4, encoder_hidden_size=16),
+                                                        base.config.hidden_size))
+    examples = answer_examples(tokenizer, load_split(processed, "train"), 256)[:5]
+    assert all(e["labels"][0] == -100 for e in examples)  # the prompt opens each example: no loss there
+
+    def encoder_grads(loss):
+        model.zero_grad(set_to_none=True)
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters() if p.requires_grad]
+
+    sums, counts = [], []
+    for e in examples:
+        one = model(input_ids=torch.tensor([e["input_ids"]]), labels=torch.tensor([e["labels"]]))
+        n = sum(label != -100 for label in e["labels"][1:])
+        sums.append(one.loss * n)
+        counts.append(n)
+    alone = sum(sums) / sum(counts)
+    expected = encoder_grads(alone)
+
+    slots, undo = ptuning.pack(model)
+    previous = enable_varlen_attention(model)
+    try:
+        assert slots == 4
+        packed = model(**PackedCollator(slots)([examples])).loss
+        got = encoder_grads(packed)
+    finally:
+        restore_attention(model, previous)
+        undo()
+    torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
+    assert "forward" not in vars(model)  # peft's own forward again, for evaluation and generation
+    # The virtual tokens matter to that loss: with the slots left as token 0 it differs (the check can fail).
+    previous = enable_varlen_attention(model)
+    try:
+        with torch.no_grad():
+            unfilled = model.base_model(**PackedCollator(slots)([examples])).loss
+    finally:
+        restore_attention(model, previous)
+    assert abs(float(unfilled) - float(alone.detach())) > 1e-3
 
 
 def test_liger_on_without_a_gpu_is_a_clear_error(tiny_model, processed, tmp_path):

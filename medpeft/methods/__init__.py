@@ -3,7 +3,8 @@
     NAME, HELP                      what it is
     DEFAULTS                        training settings that differ from TrainConfig's defaults
     GRADIENT_CHECKPOINTING          whether the method works with activation recomputation
-    PACKING                         whether examples may be packed into one row (medpeft/packing.py)
+    pack(model) -> (slots, undo)    optional, for packed rows (medpeft/packing.py): slots the collator leaves
+                                    before each example for the method to fill, and what undoes its packed forward
     LIGER, LIGER_FUSED_CE           whether Liger kernels, and its fused linear cross-entropy, are used by default
                                     on the GPU (medpeft/speedups.py)
     COMPILE                         whether --compile auto compiles its decoder layers on the GPU (measured faster)

@@ -22,7 +22,6 @@ NAME = "adapter"
 HELP = "Adapter Tuning: bottleneck adapters in every decoder layer of a frozen base"
 DEFAULTS = {"learning_rate": 1e-4, "output_dir": "models/adapter"}
 GRADIENT_CHECKPOINTING = True
-PACKING = True  # examples may share a packed row
 COMPILE = True  # --compile auto: compiled decoder layers on the GPU (docs/performance.md)
 FSDP = False  # AdapterHub layers are not wrapped for FSDP here; data parallel only
 LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)

@@ -7,6 +7,7 @@ virtual tokens enter through inputs_embeds, which the recomputed blocks do not s
 
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -19,7 +20,6 @@ NAME = "ptuning"
 HELP = "P-Tuning: trainable virtual-token prompt encoder in front of a frozen base"
 DEFAULTS = {"learning_rate": 5e-5, "output_dir": "models/ptuning"}
 GRADIENT_CHECKPOINTING = False
-PACKING = False  # peft puts the virtual tokens once before a row, not before each packed example
 COMPILE = False  # compiled layers made P-Tuning slower on an H200 (5,326 vs 8,478 tok/s): its padded
 # batches change shape every step
 FSDP = False
@@ -102,6 +102,32 @@ def fit_encoder_to_text(peft_model, tokenizer, text: str, steps: int = 300) -> f
             loss.backward()
             optimizer.step()
     return float(loss)
+
+
+def pack(model):
+    """Packed training: (slots the collator reserves before each example, a function that undoes this).
+
+    peft puts the virtual tokens once before a row, so packed examples would share them and see each other's.
+    Instead each example's row segment opens with the virtual tokens: the collator leaves them room, and while
+    training the model's forward writes the prompt encoder's output into those slots. With positions restarting
+    at each segment and attention kept inside it, every example sees what peft's forward shows it alone."""
+    slots = model.active_peft_config.num_virtual_tokens
+
+    def forward(self, input_ids=None, labels=None, cu_seq_lens_q=None, **kwargs):
+        embeds = self.word_embeddings(input_ids)
+        starts = cu_seq_lens_q[:-1].to(device=embeds.device, dtype=torch.long)
+        where = (starts[:, None] + torch.arange(slots, device=embeds.device)).flatten()
+        prompts = self.get_prompt(batch_size=1).to(embeds.dtype)
+        embeds = embeds.index_copy(1, where, prompts.repeat(1, starts.numel(), 1))
+        return self.base_model(inputs_embeds=embeds, labels=labels, cu_seq_lens_q=cu_seq_lens_q, **kwargs)
+
+    model.forward = types.MethodType(forward, model)  # a method, as accelerate's mixed-precision wrapper expects
+
+    def undo():
+        for name in ("forward", "_original_forward"):  # the latter: accelerate's record of this forward
+            vars(model).pop(name, None)
+
+    return slots, undo
 
 
 def disabled(model):

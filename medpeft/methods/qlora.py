@@ -21,7 +21,6 @@ NAME = "qlora"
 HELP = "QLoRA: low-rank adapters on all linear layers of a 4-bit quantized base"
 DEFAULTS = {"learning_rate": 2e-4, "load_in_4bit": True, "output_dir": "models/qlora"}
 GRADIENT_CHECKPOINTING = True
-PACKING = True  # examples may share a packed row
 COMPILE = True  # --compile auto: 7,624 -> 8,815 tok/s QLoRA on an H200 (docs/performance.md)
 FSDP = True  # --fsdp: the 4-bit base and the LoRA weights shard over the GPUs
 LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
