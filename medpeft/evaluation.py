@@ -31,6 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .data import PadCollator, render
+from .distributed import is_main_process
 from .modeling import autocast
 
 # ----------------------------------------------------------------------------------------------- losses
@@ -48,7 +49,8 @@ def answer_loss(model, examples: list[dict], pad_token_id: int, batch_size: int 
     nll, counts = [], []
     # Longest first: similar lengths share a batch, so little padding is computed.
     order = sorted(range(len(examples)), key=lambda i: -len(examples[i]["input_ids"]))
-    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+    for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch",
+                      disable=not is_main_process()):
         batch = collate([examples[i] for i in order[start:start + batch_size]])
         batch = {k: v.to(device) for k, v in batch.items()}
         labels = batch.pop("labels")
@@ -237,7 +239,8 @@ def generate_answers(model, tokenizer, records: list[dict], batch_size: int, max
     generated_tokens, seconds = 0, 0.0
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     try:
-        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch"):
+        for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch",
+                      disable=not is_main_process()):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}

@@ -811,6 +811,9 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
+    if not is_main_process():  # the first process speaks for all; errors still stop every process
+        def log(*args, **kwargs):
+            return None
     method = methods.get(method_name)
     out = Path(cfg.output_dir)
     _check_output_dir(out)

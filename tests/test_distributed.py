@@ -39,6 +39,7 @@ def test_two_processes_follow_one_with_the_same_effective_batch(tiny_model, proc
     rel = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one["loss_curve"], two["loss_curve"])]
     assert len(rel) == 6 and max(rel) < 0.02, rel
     assert two_run.stdout.count("qlora: validation loss") == 1  # one summary: the first process
+    assert (two_run.stdout + two_run.stderr).count("validation loss after training") == 1  # and one log
     settings = json.loads((tmp_path / "two" / "medpeft_config.json").read_text())["settings"]
     assert settings["gradient_accumulation_steps"] == 1  # divided between the two processes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one.", ".two."))]
