@@ -79,17 +79,21 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     import torch
 
     from medpeft.data import PadCollator
-    from medpeft.packing import restore_attention
     from medpeft.training import TrainingRun
 
     if padded_groups:
         original = TrainingRun._batches
 
+        class FlatPad(PadCollator):
+            def __call__(self, groups):
+                return super().__call__([e for g in groups for e in g])
+
         def padded(self):
             data, _, batch_size, speed = original(self)
-            restore_attention(self.model, self._attention)
-            self._attention = None
-            return data, PadCollator(0), batch_size, dict(speed, packing=False, padded_groups=True)
+            for undo in self._unpack:  # QLoRA's: the attention packing replaced
+                undo()
+            self._unpack = ()
+            return data, FlatPad(0), batch_size, dict(speed, packing=False, padded_groups=True)
 
         TrainingRun._batches = padded
 
