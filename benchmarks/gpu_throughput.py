@@ -300,6 +300,8 @@ def main(argv=None):
     p.add_argument("--skip_check", action="store_true")
     p.add_argument("--skip_single", action="store_true", help="no single-GPU table (with --num_gpus)")
     p.add_argument("--check_steps", type=int, default=50)
+    p.add_argument("--check_method", default="qlora", choices=list(OURS),
+                   help="the correctness check's method (qlora: also the step-0 per-example losses)")
     p.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matrix rate of the card")
     p.add_argument("--variants", default="", help="extra runs, e.g. 'lora:checkpoint_share=0.5;adapter:liger=off'")
     p.add_argument("--num_gpus", type=int, default=1, help="also run each method data-parallel on this many "
@@ -372,7 +374,7 @@ def main(argv=None):
             results["plain"][name] = dict(r, useful_tokens_per_s=round(r["tokens_per_s"] * eff))
             save(results)
     if not args.skip_check:
-        results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch)
+        results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch, args.check_method)
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
     common = {"logging_steps": args.logging_steps, **settings(args.set)}
@@ -592,10 +594,14 @@ def per_example_losses(model, examples, packed):
                 for i in range(len(examples))]
 
 
-def correctness_check(ckpt, steps, tokens_per_batch):
+def correctness_check(ckpt, steps, tokens_per_batch, method="qlora"):
     """QLoRA: (1) per-example losses at step 0, packed + Liger vs padded plain model; (2) 50-step loss curves
-    of the optimised path and of the plain one (padded batches of the same examples, SDPA, no Liger)."""
+    of the optimised path and of the plain one (padded batches of the same examples, SDPA, no Liger, eager).
+    Another method (`--check_method`): (2) only."""
     import torch
+
+    if method != "qlora":
+        return loss_curves(method, ckpt, steps, tokens_per_batch)
 
     from medpeft import methods
     from medpeft.config import TrainConfig
@@ -620,17 +626,22 @@ def correctness_check(ckpt, steps, tokens_per_batch):
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    # (2) curves over the same micro-batches (same examples, same order), each run in its own process
+    out.update(loss_curves("qlora", ckpt, steps, tokens_per_batch))
+    return out
+
+
+def loss_curves(method, ckpt, steps, tokens_per_batch):
+    """(2) of the check: curves over the same micro-batches (same examples, same order), each run in its own
+    process; the plain side pads each packed group and runs the library's own forward."""
     curves = {}
     for label, over, padded in (("plain", {"liger": "off", "compile": "off"}, True), ("ours", {}, False)):
-        m = run_ours_isolated("qlora", ckpt, steps, tokens_per_batch, dict(over, packing="on", logging_steps=1),
+        m = run_ours_isolated(method, ckpt, steps, tokens_per_batch, dict(over, packing="on", logging_steps=1),
                               seed=1, padded_groups=padded)
         curves[label] = [p["loss"] for p in m["loss_curve"]]
     rel = [abs(a - b) / b for a, b in zip(curves["ours"], curves["plain"])]
-    out.update(curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
-               curve_mean_rel_diff=round(sum(rel) / len(rel), 5), curve_ours=curves["ours"],
-               curve_plain=curves["plain"])
-    return out
+    return dict(method=method, curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
+                curve_mean_rel_diff=round(sum(rel) / len(rel), 5), curve_ours=curves["ours"],
+                curve_plain=curves["plain"])
 
 
 def table(results, names):

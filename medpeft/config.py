@@ -99,14 +99,14 @@ class TrainConfig:
     dtype: str = opt("auto", "dtype of a base that is not 4-bit (auto = bf16 on a GPU, fp32 on a CPU; bfloat16 is "
                              "about twice as fast on CPUs with bf16 instructions)", ["auto", "float32", "bfloat16"])
     packing: str = opt("auto", "pack examples end to end into token-budget micro-batches with no attention across "
-                               "them, no padding (auto = on CUDA, for methods that allow it)", ["auto", "on", "off"])
+                               "them, no padding (auto = on CUDA)", ["auto", "on", "off"])
     tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
     liger: str = opt("auto", "Liger Triton kernels: fused linear cross-entropy, RMSNorm, SwiGLU, RoPE "
                              "(auto = on CUDA when liger-kernel is installed)", ["auto", "on", "off"])
     compile: str = opt("auto", "torch.compile each decoder layer: fused kernels, less Python per step; the first "
-                               "steps pay for compilation, 1-2 minutes at 7B (auto = on one CUDA GPU for QLoRA/LoRA "
-                               "and adapters, not with --num_gpus; Liger then keeps only its fused cross-entropy; "
-                               "never under --fsdp)",
+                               "steps pay for compilation, 1-2 minutes at 7B (auto = on one CUDA GPU for QLoRA/LoRA, "
+                               "adapters and packed P-Tuning, not with --num_gpus; Liger then keeps only its fused "
+                               "cross-entropy; never under --fsdp)",
                        ["auto", "on", "off"])
     save_steps: int = opt(100, "save a checkpoint (trainable weights, optimizer, scheduler, RNG, data position) "
                                "every N steps into OUTPUT_DIR.checkpoints; 0 = none")

@@ -47,31 +47,42 @@ class PackedCollator:
     """One group of tokenized examples -> a single row with restarting positions and example boundaries.
 
     The first label of each example is ignored, so no example learns to predict the next one's first token.
-    `prefix` slots (token 0, no loss) open each example, for a method that fills them itself (P-Tuning's virtual
-    tokens); they count as neither useful nor padded tokens, as a method's own tokens do in padded batches."""
+
+    `prefix` > 0 opens the row with that many slots (token 0, no loss) for a method to fill (P-Tuning's virtual
+    tokens), which every example of the row sees as though they stood right before it: the examples' positions
+    start after the prefix, and `kv_index` lists, example by example, the row positions each one attends to
+    (the prefix, then its own tokens). The prefix is computed once per row, not once per example. It counts as
+    neither useful nor padded tokens, as a method's own tokens do in padded batches."""
 
     def __init__(self, prefix: int = 0):
         self.prefix = prefix
-        self.real_tokens = 0  # every token of a packed row is an example's token (or a method's prefix)
+        self.real_tokens = 0  # every token of a packed row is an example's token (or the method's prefix)
         self.padded_tokens = 0
 
     def __call__(self, groups: list[list[dict]] | list[dict]) -> dict:
         examples = [e for g in groups for e in (g if isinstance(g, list) else [g])]
-        ids, labels, positions, starts = [], [], [], [0]
-        slots = [0] * self.prefix
+        p = self.prefix
+        ids, labels, positions = [0] * p, [-100] * p, list(range(p))
+        starts, key_starts, keys = [0] + [p] * bool(p), [0] + [p] * bool(p), list(range(p))
         for e in examples:
-            n = len(e["input_ids"])
-            ids.extend(slots + list(e["input_ids"]))
-            labels.extend([-100] * (self.prefix + 1) + list(e["labels"][1:]))
-            positions.extend(range(self.prefix + n))
-            starts.append(starts[-1] + self.prefix + n)
-        self.real_tokens += len(ids) - self.prefix * len(examples)
-        self.padded_tokens += len(ids) - self.prefix * len(examples)
-        cu = torch.tensor(starts, dtype=torch.int32)
-        longest = max(b - a for a, b in zip(starts, starts[1:]))
-        return {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
-                "position_ids": torch.tensor([positions]), "cu_seq_lens_q": cu, "cu_seq_lens_k": cu,
-                "max_length_q": longest, "max_length_k": longest}
+            n, at = len(e["input_ids"]), len(ids)
+            ids.extend(e["input_ids"])
+            labels.extend([-100] + list(e["labels"][1:]))
+            positions.extend(range(p, p + n))
+            starts.append(at + n)
+            if p:
+                keys.extend([*range(p), *range(at, at + n)])
+                key_starts.append(key_starts[-1] + p + n)
+        self.real_tokens += len(ids) - p
+        self.padded_tokens += len(ids) - p
+        row = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
+               "position_ids": torch.tensor([positions])}
+        for side, bounds in (("q", starts), ("k", key_starts if p else starts)):
+            row[f"cu_seq_lens_{side}"] = torch.tensor(bounds, dtype=torch.int32)
+            row[f"max_length_{side}"] = max(b - a for a, b in zip(bounds, bounds[1:]))
+        if p:
+            row["kv_index"] = torch.tensor(keys)
+        return row
 
 
 @functools.lru_cache(maxsize=1)
@@ -84,17 +95,18 @@ def _varlen_kernel():
     return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
 
 
-def _per_example_sdpa(q, k, v, cu, scaling):
-    """q: [T, Hq, D], k/v: [T, Hkv, D] -> [T, Hq, D]; one causal SDPA per example."""
+def _per_example_sdpa(q, k, v, cu_q, cu_k, scaling):
+    """q: [T, Hq, D], k/v: [Tk, Hkv, D] -> [T, Hq, D]; one causal SDPA per example. A key segment longer than
+    its query segment (a shared prefix before it) is aligned at the end, as the flash kernel aligns it."""
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
-    bounds = cu.tolist()
-    for a, b in zip(bounds, bounds[1:]):
+    for (a, b), (c, d) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
         qi = q[a:b].transpose(0, 1)
-        ki = k[a:b].transpose(0, 1).repeat_interleave(groups, dim=0)
-        vi = v[a:b].transpose(0, 1).repeat_interleave(groups, dim=0)
+        ki = k[c:d].transpose(0, 1).repeat_interleave(groups, dim=0)
+        vi = v[c:d].transpose(0, 1).repeat_interleave(groups, dim=0)
+        mask = torch.ones(b - a, d - c, dtype=torch.bool, device=q.device).tril(diagonal=(d - c) - (b - a))
         out[a:b] = torch.nn.functional.scaled_dot_product_attention(
-            qi, ki, vi, is_causal=True, scale=scaling).transpose(0, 1)
+            qi, ki, vi, attn_mask=mask, scale=scaling).transpose(0, 1)
     return out
 
 
@@ -111,9 +123,14 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     q, k, v = (t[0].transpose(0, 1) for t in (query, key, value))  # [T, H, D]
     dtype = q.dtype
     cu = cu.to(device=q.device, dtype=torch.int32)
+    cu_k = cu
+    if kwargs.get("kv_index") is not None:  # a shared prefix: each example's keys are the prefix's and its own
+        index = kwargs["kv_index"].to(q.device)
+        k, v = k.index_select(0, index), v.index_select(0, index)
+        cu_k = kwargs["cu_seq_lens_k"].to(device=q.device, dtype=torch.int32)
     kernel, params = _varlen_kernel() if q.is_cuda else (None, frozenset())
     if kernel is None:
-        return _per_example_sdpa(q, k, v, cu, scaling).unsqueeze(0), None
+        return _per_example_sdpa(q, k, v, cu, cu_k, scaling).unsqueeze(0), None
     extra = {}
     if "enable_gqa" in params:
         extra["enable_gqa"] = k.shape[1] != q.shape[1]
@@ -125,9 +142,11 @@ def varlen_attention(module, query, key, value, attention_mask, scaling=None, dr
     else:
         extra["is_causal"] = True
     longest = int(kwargs.get("max_length_q") or (cu[1:] - cu[:-1]).max())
+    longest_k = int(kwargs.get("max_length_k") or (cu_k[1:] - cu_k[:-1]).max())
     if dtype not in (torch.float16, torch.bfloat16):  # the flash kernel computes in half precision only
         q, k, v = (t.to(torch.bfloat16) for t in (q, k, v))
-    out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu, longest, longest, scale=scaling, **extra)
+    # causal with more keys than queries (a shared prefix): the kernel aligns the mask at the end (flash-attention 2)
+    out = kernel(q.contiguous(), k.contiguous(), v.contiguous(), cu, cu_k, longest, longest_k, scale=scaling, **extra)
     return out.to(dtype).unsqueeze(0), None
 
 

@@ -552,7 +552,7 @@ class TrainingRun:
         if packing:
             budget = token_budget(cfg)
             slots, undo = self.method.pack(self.model) if hasattr(self.method, "pack") else (0, None)
-            groups = pack_batches([len(e["input_ids"]) + slots for e in self.train_examples], budget, cfg.seed)
+            groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget - slots, cfg.seed)
             if unit > 1 and len(groups) > unit:
                 groups = groups[:len(groups) - len(groups) % unit]
             data = [[self.train_examples[i] for i in g] for g in groups]
@@ -568,10 +568,13 @@ class TrainingRun:
                 data = data[:len(data) - len(data) % step]
         # auto: one process only. Under data parallel, compiled QLoRA scaled worse than eager (1.61x vs 1.84x) and
         # a compiled adapter run failed on one of two GPUs (docs/performance.md); --compile on still opts in.
-        compiled = (cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda" and self.method.COMPILE
+        measured = self.method.COMPILE is True or (self.method.COMPILE == "packed" and packing)
+        compiled = (cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda" and measured
                                             and process_count() == 1)) and not sharded()
         liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda" and self.method.LIGER
                                        and liger_available())
+        if compiled and not self.method.LIGER_FUSED_CE:
+            liger = False  # compiled layers fuse their norms and activations: nothing is left for Liger to do
         if liger and not apply_liger(self.model, self.log, self.method.LIGER_FUSED_CE, layers=not compiled):
             if cfg.liger == "on":
                 raise UsageError("--liger on: Liger kernels need a CUDA GPU and the liger-kernel package")

@@ -78,21 +78,23 @@ def _fit_refused(tiny_model, processed, out, method, options, match, **settings)
         run.cleanup()
 
 
-def test_collator_leaves_room_for_a_methods_prefix_before_each_example():
+def test_a_methods_prefix_opens_the_row_and_every_example_attends_to_it():
     a = {"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}
     b = {"input_ids": [8, 9], "labels": [-100, 9]}
     collate = PackedCollator(prefix=2)
     row = collate([[a, b]])
-    assert row["input_ids"].tolist() == [[0, 0, 5, 6, 7, 0, 0, 8, 9]]
-    assert row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 2, 3]]
-    assert row["labels"].tolist() == [[-100, -100, -100, 6, 7, -100, -100, -100, 9]]
-    assert row["cu_seq_lens_q"].tolist() == [0, 5, 9] and row["max_length_q"] == 5
+    assert row["input_ids"].tolist() == [[0, 0, 5, 6, 7, 8, 9]]
+    assert row["position_ids"].tolist() == [[0, 1, 2, 3, 4, 2, 3]]  # each example right after the prefix
+    assert row["labels"].tolist() == [[-100, -100, -100, 6, 7, -100, 9]]
+    assert row["cu_seq_lens_q"].tolist() == [0, 2, 5, 7] and row["max_length_q"] == 3
+    assert row["kv_index"].tolist() == [0, 1, 0, 1, 2, 3, 4, 0, 1, 5, 6]  # prefix, then prefix + own tokens
+    assert row["cu_seq_lens_k"].tolist() == [0, 2, 7, 11] and row["max_length_k"] == 5
     assert collate.real_tokens == collate.padded_tokens == 5  # the prefix is the method's, not the data's
 
 
 def test_packed_ptuning_trains_each_example_as_peft_does_alone(tiny_model, processed):
-    """peft puts the virtual tokens once before a row; packed, each example gets its own, so its loss and the
-    prompt encoder's gradient are what peft's forward gives for the example alone."""
+    """peft puts the virtual tokens before a row; packed, the row's virtual tokens stand before every example, so
+    its loss and the prompt encoder's gradient are what peft's forward gives for the example alone."""
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -134,6 +136,7 @@ def test_packed_ptuning_trains_each_example_as_peft_does_alone(tiny_model, proce
         torch.testing.assert_close(g, e, atol=1e-6, rtol=1e-4)
     assert "forward" not in vars(model)  # peft's own forward again, for evaluation and generation
     # The virtual tokens matter to that loss: with the slots left as token 0 it differs (the check can fail).
+    # (Without the examples' keys reaching the prefix, the first check fails too.)
     previous = enable_varlen_attention(model)
     try:
         with torch.no_grad():

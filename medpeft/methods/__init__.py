@@ -3,11 +3,13 @@
     NAME, HELP                      what it is
     DEFAULTS                        training settings that differ from TrainConfig's defaults
     GRADIENT_CHECKPOINTING          whether the method works with activation recomputation
-    pack(model) -> (slots, undo)    optional, for packed rows (medpeft/packing.py): slots the collator leaves
-                                    before each example for the method to fill, and what undoes its packed forward
+    pack(model) -> (slots, undo)    optional, for packed rows (medpeft/packing.py): slots at the start of each
+                                    row that every example sees as its own prefix, for the method to fill, and
+                                    what undoes its packed forward
     LIGER, LIGER_FUSED_CE           whether Liger kernels, and its fused linear cross-entropy, are used by default
                                     on the GPU (medpeft/speedups.py)
-    COMPILE                         whether --compile auto compiles its decoder layers on the GPU (measured faster)
+    COMPILE                         whether --compile auto compiles its decoder layers on the GPU (measured faster):
+                                    True, False, or "packed" (on packed rows only)
     FSDP                            whether --fsdp may shard it over several GPUs (medpeft/distributed.py)
     WEIGHTS_FILE                    the file save() writes the trained weights to
     Options                         dataclass of the method's own flags, with validate()
