@@ -18,11 +18,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def train(tiny_model, processed, out, launcher, env=None, extra=()):
-    argv = ["-m", "medpeft.cli", "train", "--method", "qlora", "--no-load_in_4bit", "--model_name", tiny_model,
+QLORA = ("--method", "qlora", "--no-load_in_4bit", "--lora_dropout", "0")
+
+
+def train(tiny_model, processed, out, launcher, env=None, extra=(), method=QLORA):
+    argv = ["-m", "medpeft.cli", "train", *method, "--model_name", tiny_model,
             "--data_path", processed, "--output_dir", str(out), "--max_steps", "6", "--batch_size", "8",
             "--gradient_accumulation_steps", "2", "--report_to", "none", "--max_eval_samples", "8",
-            "--logging_steps", "1", "--lora_dropout", "0", *extra]
+            "--logging_steps", "1", *extra]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", **(env or {})}
     done = subprocess.run([sys.executable, *launcher, *argv], capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -43,6 +46,19 @@ def test_two_processes_follow_one_with_the_same_effective_batch(tiny_model, proc
     settings = json.loads((tmp_path / "two" / "medpeft_config.json").read_text())["settings"]
     assert settings["gradient_accumulation_steps"] == 1  # divided between the two processes
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one.", ".two."))]
+
+
+def test_packed_ptuning_on_two_processes_follows_one(tiny_model, processed, tmp_path):
+    """P-Tuning's packed forward (the virtual tokens written into each row) also runs inside data parallel."""
+    ptuning = ("--method", "ptuning", "--num_virtual_tokens", "4", "--learning_rate", "5e-2", "--packing", "on",
+               "--tokens_per_batch", "512")
+    _, one = train(tiny_model, processed, tmp_path / "one", [], method=ptuning)
+    _, two = train(tiny_model, processed, tmp_path / "two", ["-m", "torch.distributed.run", "--nproc_per_node", "2"],
+                   method=ptuning)
+    assert two["processes"] == 2 and one["speed_settings"]["packing"] is True
+    rel = [abs(a["loss"] - b["loss"]) / a["loss"] for a, b in zip(one["loss_curve"], two["loss_curve"])]
+    assert len(rel) == 6 and max(rel) < 1e-3, rel
+    assert one["validation_loss_final"] < one["validation_loss_base"]
 
 
 POISONED = """
