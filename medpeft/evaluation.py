@@ -240,7 +240,7 @@ def generate_answers(model, tokenizer, records: list[dict], batch_size: int, max
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     try:
         for start in tqdm(range(0, len(order), batch_size), desc=desc, leave=False, unit="batch",
-                      disable=not is_main_process()):
+                          disable=not is_main_process()):
             idx = order[start:start + batch_size]
             enc = tokenizer([prompts[i] for i in idx], return_tensors="pt", padding=True, add_special_tokens=False)
             enc = {k: enc[k].to(device) for k in ("input_ids", "attention_mask")}

@@ -685,12 +685,13 @@ class TrainingRun:
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
 
     def _train(self, base_val: dict | None, resume: Path | None):
-        train_data, collator, batch_size, speed = self._batches()
-        self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
+        speed = {}
         try:
+            train_data, collator, batch_size, speed = self._batches()
+            self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
             trainer, result, runtime, timer, sampler = self._run_trainer(train_data, collator, batch_size, base_val,
                                                                          resume)
-        finally:  # evaluation and generation afterwards run the model as it was
+        finally:  # evaluation and generation afterwards run the model as it was, also after an error
             for undo in self._unpack:
                 undo()
             self._unpack = ()

@@ -76,6 +76,7 @@ def _fit_refused(tiny_model, processed, out, method, options, match, **settings)
             run.fit()
     finally:
         run.cleanup()
+    return run
 
 
 def test_a_methods_prefix_opens_the_row_and_every_example_attends_to_it():
@@ -149,3 +150,10 @@ def test_packed_ptuning_trains_each_example_as_peft_does_alone(tiny_model, proce
 def test_liger_on_without_a_gpu_is_a_clear_error(tiny_model, processed, tmp_path):
     _fit_refused(tiny_model, processed, tmp_path / "l", "qlora", dict(lora_r=2), "Liger kernels need a CUDA GPU",
                  liger="on")
+
+
+def test_a_run_stopped_while_setting_up_packing_leaves_the_model_as_it_was(tiny_model, processed, tmp_path):
+    run = _fit_refused(tiny_model, processed, tmp_path / "p", "ptuning", dict(num_virtual_tokens=4),
+                       "Liger kernels need a CUDA GPU", liger="on", packing="on")
+    assert "forward" not in vars(run.model)  # P-Tuning's packed forward undone
+    assert run.model.config._attn_implementation != "medpeft_varlen"  # and the attention restored

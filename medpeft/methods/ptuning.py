@@ -25,8 +25,8 @@ GRADIENT_CHECKPOINTING = False
 COMPILE = "packed"
 FSDP = False
 LIGER = True
-# Liger's fused linear cross-entropy slows P-Tuning down 5x on an H200 (Mistral-7B shapes: 0.83 s a step with it,
-# 0.16 s with Liger's other kernels alone); the logits are materialised instead.
+# Liger's fused linear cross-entropy slowed padded P-Tuning down 5x on an H200 (Mistral-7B shapes: 0.83 s a step with
+# it, 0.16 s with Liger's other kernels alone; not tried on packed rows); the logits are materialised instead.
 LIGER_FUSED_CE = False
 WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
 
