@@ -90,7 +90,7 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
 
         def padded(self):
             data, _, batch_size, speed = original(self)
-            for undo in self._unpack:  # QLoRA's: the attention packing replaced
+            for undo in self._unpack:  # the model's own attention (and P-Tuning's own forward) again
                 undo()
             self._unpack = ()
             return data, FlatPad(0), batch_size, dict(speed, packing=False, padded_groups=True)
