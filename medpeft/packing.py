@@ -56,7 +56,7 @@ class PackedCollator:
 
     def __init__(self, prefix: int = 0):
         self.prefix = prefix
-        self.real_tokens = 0  # every token of a packed row is an example's token (or the method's prefix)
+        self.real_tokens = 0  # the row's tokens less the method's prefix: all of them examples' tokens
         self.padded_tokens = 0
 
     def __call__(self, groups: list[list[dict]] | list[dict]) -> dict:
