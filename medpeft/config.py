@@ -96,8 +96,9 @@ class TrainConfig:
     gradient_checkpointing: bool = opt(True, "recompute activations in backward to save memory "
                                              "(turned off for methods that do not support it)")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
-    dtype: str = opt("auto", "dtype of a base that is not 4-bit (auto = bf16 on a GPU, fp32 on a CPU; bfloat16 is "
-                             "about twice as fast on CPUs with bf16 instructions)", ["auto", "float32", "bfloat16"])
+    dtype: str = opt("auto", "compute dtype: of the base's weights, or of its 4-bit layers' arithmetic (auto = bf16 on "
+                             "a GPU and on a CPU with native bf16, AVX512-BF16/AMX; float32 on other CPUs, where "
+                             "bf16 is emulated ~30x slower)", ["auto", "float32", "bfloat16"])
     packing: str = opt("auto", "pack examples end to end into token-budget micro-batches with no attention across "
                                "them, no padding (auto = on CUDA)", ["auto", "on", "off"])
     tokens_per_batch: int = opt(0, "token budget of a packed micro-batch (0 = batch_size x max_length)")
@@ -313,8 +314,8 @@ class EvalConfig:
     num_samples_shown: int = opt(5, "test questions shown with every model's answer in the report")
     seed: int = opt(42, "seed for the test subset and the bootstrap intervals")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
-    dtype: str = opt("auto", "dtype of every model whose base is not 4-bit (auto = the base in bf16 on a GPU, fp32 "
-                             "on a CPU, tuned models as trained)", ["auto", "float32", "bfloat16"])
+    dtype: str = opt("auto", "compute dtype of every model (auto = bf16 on a GPU and on a CPU with native bf16, "
+                             "float32 on other CPUs; tuned models as trained)", ["auto", "float32", "bfloat16"])
 
     def validate(self) -> list[str]:
         problems = []

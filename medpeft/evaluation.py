@@ -385,7 +385,8 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
 
     from .config import write_json
     from .errors import UsageError
-    from .modeling import default_device, load_model, load_tokenizer, resolve_dtype, resolve_model
+    from .modeling import default_device, load_model, load_tokenizer, model_compute_dtype, resolve_model
+    from .precision import explain, resolve, short
     from .training import library_versions, load_trained, read_run, signature_differences
 
     records = load_test_records(cfg.test_data, cfg.max_samples, cfg.seed)
@@ -409,6 +410,7 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
             log(f"note: {name} was trained on '{trained_on}'; --base_model '{cfg.base_model}' has the same shape")
     n_choice = sum(bool(r.get("options")) for r in records)
     log(f"evaluating {len(targets)} models on {len(records)} test items ({n_choice} multiple choice)")
+    log(explain(cfg.dtype, default_device()))
     results = {}
     for name, path in targets:
         entry = {"name": name, "path": path, "status": "ok", "error": None}
@@ -417,13 +419,14 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
             if name == "base":
                 tokenizer = load_tokenizer(resolved_base, cfg.trust_remote_code)
                 model = load_model(resolved_base, device=default_device(), trust_remote_code=cfg.trust_remote_code,
-                                   dtype=resolve_dtype(cfg.dtype, default_device()))
+                                   dtype=resolve(cfg.dtype, default_device()))
                 efficiency, training = {}, None
             else:
                 model, tokenizer, run = load_trained(path, dequantize=default_device() == "cpu",
                                                      dtype=None if cfg.dtype == "auto" else cfg.dtype)
                 if default_device() == "cpu" and run["settings"].get("load_in_4bit"):
-                    entry["note"] = "4-bit base evaluated as bf16 layers holding the same values (CPU speed)"
+                    entry["note"] = (f"4-bit base evaluated as {short(model_compute_dtype(model))} layers holding "
+                                     "the same values (CPU speed)")
                 efficiency, training = _efficiency_from_training(path)
                 entry["settings"] = run["settings"]
             started = time.time()

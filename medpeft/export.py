@@ -1,6 +1,6 @@
 """Using a trained output: fold LoRA into a standalone model, and the model card every output carries.
 
-    medpeft merge --adapter models/qlora --output merged/    # plain transformers model, bf16 (fp32 base stays fp32)
+    medpeft merge --adapter models/qlora --output merged/    # plain transformers model, in the base's compute dtype
 """
 
 from __future__ import annotations
@@ -34,13 +34,14 @@ def _dequantized(module) -> torch.Tensor:
 
     weight = module.weight
     if isinstance(weight, bnb.nn.Params4bit):
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(torch.bfloat16)
+        # the values the adapter was trained on: dequantized in the dtype the layer computed in
+        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(module.compute_dtype or torch.bfloat16)
     return weight.data
 
 
 def merged_state(model) -> tuple[dict[str, torch.Tensor], torch.dtype]:
-    """Every weight the merged model needs, under the plain model's names: 4-bit layers dequantized to bf16
-    (the values the adapter was trained on), LoRA's update added to the layers it adapts."""
+    """Every weight the merged model needs, under the plain model's names: 4-bit layers dequantized to their compute
+    dtype (the values the adapter was trained on), LoRA's update added to the layers it adapts."""
     from peft.tuners.lora import LoraLayer
 
     inner = model.get_base_model()

@@ -32,6 +32,8 @@ class GenerateConfig:
     max_new_tokens: int = opt(256, "longest answer, in tokens")
     batch_size: int = opt(8, "questions answered together")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    dtype: str = opt("auto", "compute dtype (auto = bf16 on a GPU or on a CPU with native bf16, else float32)",
+                     ["auto", "float32", "bfloat16"])
 
     def validate(self) -> list[str]:
         problems = []
@@ -41,16 +43,20 @@ class GenerateConfig:
 
 
 def load_for_inference(cfg):
-    """(model, tokenizer) of a training output or of a bare base model."""
+    """(model, tokenizer) of a training output or of a bare base model. The compute dtype's line goes to stderr:
+    stdout carries the answers."""
     from .modeling import default_device, load_model, load_tokenizer, resolve_model
+    from .precision import explain, resolve
     from .training import load_trained
 
+    print(explain(cfg.dtype, default_device()), file=sys.stderr)
     if cfg.adapter:
-        model, tokenizer, _ = load_trained(cfg.adapter)
+        model, tokenizer, _ = load_trained(cfg.adapter, dtype=None if cfg.dtype == "auto" else cfg.dtype)
         return model, tokenizer
     resolved = resolve_model(cfg.model)
     tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
-    model = load_model(resolved, device=default_device(), trust_remote_code=cfg.trust_remote_code)
+    model = load_model(resolved, device=default_device(), trust_remote_code=cfg.trust_remote_code,
+                       dtype=resolve(cfg.dtype, default_device()))
     model.eval()
     return model, tokenizer
 

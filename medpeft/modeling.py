@@ -16,6 +16,7 @@ import logging
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from pathlib import Path
 from urllib.parse import urlparse
@@ -24,6 +25,7 @@ import torch
 
 from .distributed import local_rank, sharded
 from .errors import UsageError
+from .precision import compute_dtype
 
 log = logging.getLogger(__name__)
 
@@ -169,34 +171,24 @@ def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def resolve_dtype(name: str, device: str) -> torch.dtype:
-    """'auto' | 'float32' | 'bfloat16' -> the dtype a base that is not 4-bit is loaded in."""
-    if name == "auto":
-        return compute_dtype(device)
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[name]
-
-
-def compute_dtype(device: str) -> torch.dtype:
-    if device == "cuda" and torch.cuda.is_bf16_supported():
-        return torch.bfloat16
-    return torch.float32
-
-
-def quantization_config(storage: torch.dtype = torch.uint8):
-    """NF4 with double quantization, bf16 compute. FSDP shards only floating-point tensors: there the packed
-    4-bit values are stored as bf16 (the same bytes, 4 values each)."""
+def quantization_config(compute: torch.dtype = torch.bfloat16, storage: torch.dtype = torch.uint8):
+    """NF4 with double quantization, computing in `compute` (precision.resolve: fp32 on CPUs without native bf16).
+    FSDP shards only floating-point tensors: there the packed 4-bit values are stored as bf16 (the same bytes,
+    4 values each)."""
     from transformers import BitsAndBytesConfig
 
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                              bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_quant_storage=storage)
+                              bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=storage)
 
 
 def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = None,
                trust_remote_code: bool = False, dtype: torch.dtype | None = None):
-    """The frozen base model: 4-bit NF4 with double quantization on request, else bf16 on GPU / fp32 on CPU."""
+    """The frozen base model, computing in `dtype` (default: precision.compute_dtype of the device): its weights in
+    that dtype, or 4-bit NF4 with double quantization on request, computing in it."""
     from transformers import AutoModelForCausalLM
 
     device = device or default_device()
+    dtype = dtype or compute_dtype(device)
     placement = device
     if device == "cuda" and local_rank() is not None:  # one process per GPU
         placement = local_rank()
@@ -205,11 +197,11 @@ def load_model(resolved: str, load_in_4bit: bool = False, device: str | None = N
     if is_offline_path(resolved):
         kwargs["local_files_only"] = True
     if load_in_4bit:
-        kwargs["quantization_config"] = quantization_config(torch.bfloat16 if sharded() else torch.uint8)
-        # Layers bitsandbytes leaves unquantized must match the bf16 compute dtype (fp16 otherwise).
-        kwargs["dtype"] = torch.bfloat16
-    else:
-        kwargs["dtype"] = dtype or compute_dtype(device)
+        if sharded():  # FSDP flattens a layer's weights together: one dtype, that of the stored 4-bit values
+            dtype = torch.bfloat16
+        kwargs["quantization_config"] = quantization_config(dtype, torch.bfloat16 if sharded() else torch.uint8)
+    # for a 4-bit base: the layers bitsandbytes leaves unquantized match its compute dtype (fp16 otherwise)
+    kwargs["dtype"] = dtype
     try:
         model = AutoModelForCausalLM.from_pretrained(resolved, **kwargs)
     except (OSError, ValueError) as exc:
@@ -247,12 +239,31 @@ def pin_4bit_layout(model):
     return model
 
 
+def model_compute_dtype(model) -> torch.dtype:
+    """The dtype a loaded model computes in: its 4-bit layers' compute dtype, else bf16 when any weight is bf16
+    (a method's own fp32 weights on a bf16 base), else float32."""
+    bnb = sys.modules.get("bitsandbytes")  # imported by whoever loaded a 4-bit model
+    if bnb is not None:
+        for module in model.modules():
+            if isinstance(module, bnb.nn.Linear4bit) and module.compute_dtype is not None:
+                return module.compute_dtype
+    return torch.bfloat16 if any(p.dtype == torch.bfloat16 for p in model.parameters()) else torch.float32
+
+
+def dequantize_4bit(model):
+    """Replace 4-bit layers by plain ones holding the same values, in the dtype the 4-bit layers computed in
+    (transformers dequantizes into the dtype of the first parameter, which prepare_kbit made fp32)."""
+    compute = model_compute_dtype(model)
+    model.dequantize()
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.dtype != compute:
+            module.weight.data = module.weight.data.to(compute)  # bf16 values held in fp32: exact
+    return model
+
+
 def autocast(model):
-    """bf16 autocast where the base computes in bf16 (4-bit bases, bf16 models); a no-op otherwise."""
-    param = next(model.parameters())
-    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(
-        getattr(model, "base_model", None), "is_loaded_in_4bit", False)
-    dtypes = {p.dtype for p in model.parameters()}
-    if quantized or torch.bfloat16 in dtypes:
-        return torch.autocast(param.device.type, dtype=torch.bfloat16)
+    """bf16 autocast where the model computes in bf16 (4-bit layers computing in bf16, bf16 weights), so that a
+    method's fp32 weights meet the base in one dtype; a no-op otherwise."""
+    if model_compute_dtype(model) == torch.bfloat16:
+        return torch.autocast(next(model.parameters()).device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()

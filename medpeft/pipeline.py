@@ -43,8 +43,8 @@ class RunConfig:
     system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_new_tokens: int = opt(128, "longest generated answer in the evaluation")
     seed: int = opt(42, "random seed for splits, training and evaluation")
-    dtype: str = opt("auto", "dtype of bases that are not 4-bit, every method and the evaluation (auto = bf16 on a "
-                             "GPU, fp32 on a CPU)", ["auto", "float32", "bfloat16"])
+    dtype: str = opt("auto", "compute dtype of every method and of the evaluation (auto = bf16 on a GPU and on a CPU "
+                             "with native bf16, float32 on other CPUs)", ["auto", "float32", "bfloat16"])
     num_gpus: int = opt(1, "GPUs to train each method on (data parallel through accelerate launch); the evaluation "
                            "runs on one")
 

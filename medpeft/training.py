@@ -37,9 +37,10 @@ from .distributed import is_main_process, process_count, sharded, sum_over_proce
 from .errors import TrainingStopped, UsageError
 from .evaluation import answer_loss
 from .export import hub_token, write_model_card
-from .modeling import (default_device, load_model, load_tokenizer, pin_4bit_layout, prepare_kbit, resolve_dtype,
-                       resolve_model)
+from .modeling import (default_device, dequantize_4bit, load_model, load_tokenizer, model_compute_dtype,
+                       pin_4bit_layout, prepare_kbit, resolve_model)
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
+from .precision import explain, resolve
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
 
 CONFIG_FILE = "medpeft_config.json"
@@ -61,7 +62,7 @@ class RunContext:
         load_in_4bit = self.cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
         model = load_model(path or self.resolved_model, load_in_4bit=load_in_4bit, device=self.device,
                            trust_remote_code=self.cfg.trust_remote_code,
-                           dtype=resolve_dtype(self.cfg.dtype, self.device))
+                           dtype=resolve(self.cfg.dtype, self.device))
         model.config.use_cache = False
         if not prepare_for_training:
             return model
@@ -709,7 +710,7 @@ class TrainingRun:
         # ACCELERATE_MIXED_PRECISION without ever taking it back: without both resets, a second run in the same
         # process (run_all, tests) inherits the first run's mixed precision (fp32 P-Tuning under bf16 autocast).
         AcceleratorState._reset_state(reset_partial_state=True)
-        use_bf16 = cfg.load_in_4bit or resolve_dtype(cfg.dtype, device) == torch.bfloat16
+        use_bf16 = model_compute_dtype(self.model) == torch.bfloat16
         os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if use_bf16 else "no"
         checkpoints = checkpoint_dir(cfg.output_dir)
         if sharded() and cfg.save_steps:
@@ -834,6 +835,7 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
         tokenizer, train_examples, val_examples, metadata = data
     log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
         f"base {cfg.model_name} on {device}{' (4-bit NF4)' if cfg.load_in_4bit else ''}")
+    log(explain(cfg.dtype, device))
     out.parent.mkdir(parents=True, exist_ok=True)
     world = process_count()
     if world > 1 and cfg.gradient_accumulation_steps % world == 0:  # the same effective batch as on one GPU
@@ -917,8 +919,8 @@ def read_run(out_dir: str) -> dict:
 
 def load_trained(out_dir: str, device: str | None = None, dequantize: bool = False, dtype: str | None = None):
     """(model, tokenizer, run config) of a finished training output, ready for evaluation or generation.
-    `dequantize`: a 4-bit base is turned into bf16 layers holding the same values (bitsandbytes' CPU 4-bit
-    matmul is about twice as slow as a bf16 one; the logits stay the same to rounding). `dtype` overrides the
+    `dequantize`: a 4-bit base is turned into plain layers holding the same values, in its compute dtype
+    (bitsandbytes' CPU 4-bit matmul is about twice as slow as a plain one; the logits stay the same to rounding). `dtype` overrides the
     training dtype of a base that is not 4-bit."""
     run = read_run(out_dir)
     method = methods.get(run["method"])
@@ -931,11 +933,11 @@ def load_trained(out_dir: str, device: str | None = None, dequantize: bool = Fal
     device = device or default_device()
     base = load_model(resolved, load_in_4bit=four_bit, device=device,
                       trust_remote_code=settings.get("trust_remote_code", False),
-                      dtype=resolve_dtype(dtype or settings.get("dtype", "auto"), device))
+                      dtype=resolve(dtype or settings.get("dtype", "auto"), device))
     if four_bit:  # the same norm and embedding dtypes as during training, so logits match exactly
         base = prepare_kbit(base)
         if dequantize:
-            base.dequantize()
+            base = dequantize_4bit(base)
     differences = signature_differences(run.get("base_signature") or {}, base.config)
     if differences:
         raise UsageError(f"the {run['method']} weights in '{out_dir}' do not fit base model "

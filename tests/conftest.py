@@ -135,3 +135,20 @@ def report_results() -> dict:
                       "samples": [{"question": "Q1?", "reference": "R1", "answer": "tuned says R1"}]},
             "ptuning": {"name": "ptuning", "status": "failed", "error": "training failed: boom"},
         }}
+
+
+
+def within(model, difference: float, float32: float, bfloat16: float, what: str) -> bool:
+    """Whether `difference`, between two computations that round differently, is within the tolerance for the dtype
+    `model` computes in (float32 on CPUs without native bf16, bfloat16 on those with it: medpeft.precision). Each
+    call's two figures sit above the largest differences measured on both CPU kinds (docs/field-notes.md lists
+    them); `MEDPEFT_TOLERANCE_LOG=FILE pytest ...` appends every difference checked, to measure them again."""
+    import torch
+
+    from medpeft.modeling import model_compute_dtype
+
+    dtype = model_compute_dtype(model)
+    if os.environ.get("MEDPEFT_TOLERANCE_LOG"):
+        with open(os.environ["MEDPEFT_TOLERANCE_LOG"], "a", encoding="utf-8") as fh:
+            fh.write(f"{what}\t{dtype}\t{difference:.3g}\n")
+    return difference <= {torch.float32: float32, torch.bfloat16: bfloat16}[dtype]

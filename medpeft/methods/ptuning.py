@@ -134,7 +134,12 @@ def disabled(model):
 
 
 def save(model, out_dir: Path, ctx=None) -> None:
-    model.save_pretrained(out_dir)
+    from ..modeling import autocast
+
+    # peft saves the encoder's output as the virtual tokens: computed as training computed it (bf16 autocast on a
+    # bf16 base), so that the loaded model gives the trained model's logits exactly
+    with torch.no_grad(), autocast(model):
+        model.save_pretrained(out_dir)
 
 
 def load(base_model, out_dir: Path, opts: Options | None = None):
