@@ -582,6 +582,11 @@ class TrainingRun:
             liger = False
         speed["liger"] = liger and ("fused cross-entropy only" if compiled else
                                     "all" if self.method.LIGER_FUSED_CE else "without fused cross-entropy")
+        if not packing and not liger:  # logits from the first answer token on; Liger's fused loss makes none
+            peft_config = getattr(self.model, "active_peft_config", None)
+            collator.answer_logits = peft_config.num_virtual_tokens if getattr(
+                peft_config, "is_prompt_learning", False) else 0
+            speed["answer_logits_only"] = True
         if self.ctx.gradient_checkpointing:
             speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
         if compiled:

@@ -79,6 +79,7 @@ class PreferringModel(torch.nn.Module):
 class FakeCache:
     def __init__(self, input_ids):
         self.length = input_ids.shape[1]
+        self.layers = []
 
     def get_seq_length(self):
         return self.length

@@ -76,7 +76,9 @@ def test_a_run_does_not_inherit_the_precision_of_an_earlier_run_in_the_same_proc
     curves = []
     for i, name in enumerate(["ptuning-mlp", "qlora-nf4", "ptuning-mlp"]):
         method, options, overrides, _ = MATRIX[name]
-        run = make(tiny_model, processed, tmp_path / str(i), method, options, overrides, max_steps=3)
+        # explicit dtypes: with auto, a CPU without native bf16 would run all three in float32
+        dtype = "bfloat16" if name == "qlora-nf4" else "float32"
+        run = make(tiny_model, processed, tmp_path / str(i), method, options, overrides, max_steps=3, dtype=dtype)
         try:
             curves.append([p["loss"] for p in run.fit()["loss_curve"]])
         finally:
@@ -237,3 +239,34 @@ def test_trainer_counts_flops_as_transformers_does(tiny_model, tmp_path):
         batch = {"input_ids": torch.ones(shape, dtype=torch.long)}
         assert trainer.floating_point_ops(batch) == Trainer.floating_point_ops(trainer, batch) == \
             per_token * shape[0] * shape[1]
+
+
+@pytest.mark.parametrize("case", ["qlora-nf4", "lora-16bit", "adapter-pfeiffer", "ptuning-mlp"])
+def test_logits_from_the_first_answer_token_on_give_the_same_loss_and_gradients(case, tiny_model, processed, tmp_path):
+    """Padded batches ask the model for logits only where an answer token is predicted (PadCollator's
+    answer_logits); the loss and every trainable gradient are those of the full logits."""
+    from medpeft.data import PadCollator
+
+    method, options, overrides, _ = MATRIX[case]
+    run = make(tiny_model, processed, tmp_path / "o", method, options, overrides, dtype="float32")
+    try:
+        config = getattr(run.model, "active_peft_config", None)
+        prefix = config.num_virtual_tokens if getattr(config, "is_prompt_learning", False) else 0
+        examples = run.train_examples[:6]
+        results = []
+        for collator in (PadCollator(run.tokenizer.pad_token_id), PadCollator(run.tokenizer.pad_token_id, prefix)):
+            batch = collator(examples)
+            run.model.zero_grad(set_to_none=True)
+            with autocast(run.model):
+                loss = run.model(**batch).loss
+            loss.backward()
+            results.append((float(loss), {n: p.grad.clone() for n, p in run.model.named_parameters()
+                                          if p.requires_grad}, batch))
+        (full, full_grads, full_batch), (cut, cut_grads, cut_batch) = results
+        width = full_batch["input_ids"].shape[1]
+        assert "logits_to_keep" not in full_batch and cut_batch["logits_to_keep"] < width + prefix
+        assert abs(full - cut) < 1e-5 * abs(full)
+        for name, grad in full_grads.items():
+            torch.testing.assert_close(cut_grads[name], grad, atol=1e-6, rtol=1e-4)
+    finally:
+        run.cleanup()

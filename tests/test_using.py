@@ -202,7 +202,7 @@ def test_lora_evaluated_merged_on_the_cpu_scores_as_trained(outputs, processed, 
     records = load_split(processed, "test")[:24]
     examples = answer_examples(tok, records, 256)
     as_trained = answer_loss(model, examples, tok.pad_token_id, 8)["loss"]
-    merged, speed = _merge_for_evaluation(model, tok, records, SimpleNamespace(batch_size=8, max_new_tokens=3))
+    merged, speed = _merge_for_evaluation(model, tok, records, SimpleNamespace(batch_size=8, max_new_tokens=3, max_length=256))
     assert not hasattr(merged, "peft_config") and speed["unmerged_latency_s_per_answer"] > 0
     change = abs(answer_loss(merged, examples, tok.pad_token_id, 8)["loss"] - as_trained) / as_trained
     assert within(model, change, float32=1e-5, bfloat16=2e-3, what=f"merged evaluation {name}: relative loss change")
@@ -224,3 +224,66 @@ def test_evaluation_refuses_an_output_of_another_method_or_base(outputs, process
     err = capsys.readouterr().err
     assert "was trained on base model" in err and "(hidden_size 64 vs 32, num_attention_heads 4 vs 2)" in err, err
     assert not (tmp_path / "r.json").exists()
+
+
+@pytest.mark.parametrize("name", ["base", "qlora", "lora", "adapter", "ptuning"])
+def test_one_pass_evaluation_equals_separate_loss_and_generation(outputs, processed, tiny_model, name):
+    """score_and_generate runs each prompt once, then continues the answer (loss), the options and greedy decoding
+    from its cache: the same loss as a full teacher-forced pass, and the same answers as generating each question
+    alone. float32 on either CPU kind: this checks the cache and positions, not the rounding of bf16."""
+    from medpeft.data import answer_examples, load_split
+    from medpeft.evaluation import answer_loss, generate_answers, loss_summary, score_and_generate
+    from medpeft.modeling import load_model, load_tokenizer
+    from medpeft.training import load_trained
+
+    if name == "base":
+        model, tok = load_model(tiny_model, device="cpu", dtype=torch.float32).eval(), load_tokenizer(tiny_model)
+    else:
+        model, tok, _ = load_trained(outputs[name], device="cpu", dtype="float32")
+    records = load_split(processed, "test")
+    records = [r for r in records if r["options"]][:3] + [r for r in records if not r["options"]][:4]
+    found = score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
+    separate = answer_loss(model, answer_examples(tok, records, 256), tok.pad_token_id, batch_size=1)
+    together = loss_summary([n for n in found["nll"] if n is not None], [t for t in found["tokens"] if t])
+    assert together["tokens"] == separate["tokens"] and together["examples"] == separate["examples"] == 7
+    assert abs(together["loss"] - separate["loss"]) < 1e-4, (together, separate)
+    alone = [generate_answers(model, tok, [r], batch_size=1, max_new_tokens=5)[0][0] for r in records]
+    assert found["answers"] == alone
+    assert [sorted(o) if o else None for o in found["options"]] == [sorted(r["options"]) if r["options"] else None
+                                                                   for r in records]
+    assert found["timing"]["generated_tokens"] > 0 and found["timing"]["latency_s_per_answer"] > 0
+
+
+@pytest.mark.parametrize("name", ["lora", "ptuning"])
+def test_one_pass_evaluation_does_not_depend_on_where_the_shared_prompt_ends(outputs, processed, name, monkeypatch):
+    """When an option merges with the prompt's last token, the shared prefix ends earlier and the rest of the prompt
+    is continued before decoding: the prefix shortened by hand for some records changes no result."""
+    from medpeft import evaluation
+    from medpeft.data import load_split
+    from medpeft.training import load_trained
+
+    model, tok, _ = load_trained(outputs[name], device="cpu", dtype="float32")
+    records = load_split(processed, "test")
+    records = [r for r in records if r["options"]][:3] + [r for r in records if not r["options"]][:3]
+    expected = evaluation.score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
+    items = evaluation._items
+
+    def shorter(tokenizer, recs, max_length):
+        out = items(tokenizer, recs, max_length)
+        for n, it in enumerate(out):
+            cut = n % 3  # 0, 1 or 2 tokens moved from the shared prefix into every continuation
+            if not cut:
+                continue
+            moved = it.prefix[-cut:]
+            it.prefix, it.generation_tail = it.prefix[:-cut], moved + it.generation_tail
+            it.answer_tail, it.answer_scored = moved + it.answer_tail, [False] * cut + it.answer_scored
+            it.options = [(letter, moved + tail, start + cut) for letter, tail, start in it.options]
+        return out
+
+    monkeypatch.setattr(evaluation, "_items", shorter)
+    got = evaluation.score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
+    assert got["answers"] == expected["answers"] and got["tokens"] == expected["tokens"]
+    for a, b in zip(got["nll"], expected["nll"]):
+        assert abs(a - b) < 1e-4 * max(1.0, abs(b))
+    for a, b in zip(got["options"], expected["options"]):
+        assert (a is None) == (b is None) and all(abs(a[k] - b[k]) < 1e-4 for k in (b or {}))
