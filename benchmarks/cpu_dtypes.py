@@ -5,8 +5,8 @@
 
 Prints the CPU model (as lscpu names it), PyTorch's capability, whether bf16 is native, the dtype `--dtype auto`
 takes, and the forward + backward time of the embedded model with LoRA on a base in float32, bfloat16, NF4
-computing in float32 and NF4 computing in bfloat16 (one warm-up step on a quarter of the batch, then the median of
---repeats steps). On an AVX2-only CPU the bf16 cases take minutes. Writes benchmarks/results/cpu_dtypes_<tag>.json.
+computing in float32 and NF4 computing in bfloat16 (after a float32 warm-up step, one warm-up step per case on a quarter of
+the batch, then the median of --repeats steps). On an AVX2-only CPU the bf16 cases take minutes. Writes benchmarks/results/cpu_dtypes_<tag>.json.
 """
 
 from __future__ import annotations
@@ -45,13 +45,27 @@ def step_seconds(model, ids, repeats: int) -> list[float]:
         loss.backward()
         model.zero_grad(set_to_none=True)
 
-    step(ids[: max(1, len(ids) // 4)])  # warm-up: oneDNN picks its kernels, allocator grows
+    step(ids[: max(1, len(ids) // 4)])  # warm-up: oneDNN picks its kernels for this dtype
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         step(ids)
         times.append(time.perf_counter() - t0)
     return times
+
+
+def warm_up(resolved: str, args) -> None:
+    """One float32 step on the whole batch before any timing: the process's first steps pay for the thread pool and
+    the allocator's growth (measured: the first case 30-50% slower than the same case run again)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    from medpeft.modeling import load_model
+
+    model = get_peft_model(load_model(resolved, device="cpu", dtype=torch.float32),
+                           LoraConfig(r=16, lora_alpha=32, target_modules="all-linear", task_type="CAUSAL_LM"))
+    ids = torch.randint(0, model.config.vocab_size, (args.batch, args.seq))
+    model(input_ids=ids, labels=ids).loss.backward()
 
 
 def main(argv=None):
@@ -89,6 +103,7 @@ def main(argv=None):
           f"{probe.capability}, bf16 native: {probe.native} ({probe.why})")
     print(f"medpeft --dtype auto: {header['line']}")
     results = []
+    warm_up(resolved, args)
     for case in wanted:
         dtype_name, four_bit = names[case]
         dtype = resolve(dtype_name, "cpu")
