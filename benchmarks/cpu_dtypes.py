@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import time
@@ -24,16 +23,6 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 CASES = (("float32", False), ("bfloat16", False), ("float32", True), ("bfloat16", True))
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def step_seconds(model, ids, repeats: int) -> list[float]:
@@ -73,7 +62,7 @@ def main(argv=None):
     from peft import LoraConfig, get_peft_model
 
     from medpeft.modeling import load_model, prepare_kbit, resolve_model
-    from medpeft.precision import cpu_bf16, explain, resolve, short
+    from medpeft.precision import cpu_bf16, cpu_name, explain, resolve, short
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_name", default="smollm2-135m")
@@ -93,7 +82,7 @@ def main(argv=None):
         p.error(f"--cases: unknown {unknown}; known: {', '.join(names)}")
     resolved = resolve_model(args.model_name)
     torch.manual_seed(0)
-    header = {"cpu": cpu_model(), "cores": os.cpu_count(), "capability": probe.capability,
+    header = {"cpu": cpu_name(), "cores": os.cpu_count(), "capability": probe.capability,
               "bf16_native": probe.native, "probe": probe.why, "chosen_dtype": short(resolve("auto", "cpu")),
               "line": explain("auto", "cpu"), "torch": torch.__version__, "threads": torch.get_num_threads(),
               "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ},

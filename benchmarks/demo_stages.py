@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import shutil
 import sys
@@ -27,6 +28,7 @@ def main(argv=None):
     from medpeft.cli import _quiet_libraries
     from medpeft.config import load_yaml, parse
     from medpeft.pipeline import DEMO_CONFIG, RunConfig, run_pipeline
+    from medpeft.precision import cpu_name, explain
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--config", default=str(DEMO_CONFIG))
@@ -55,7 +57,9 @@ def main(argv=None):
         stages.append({"stage": label.split(":")[0].split(" ->")[0], "seconds": round(end - start, 1)})
     per_model = {name: entry.get("eval_seconds") for name, entry in results["models"].items()}
     out = {"config": args.config, "total_seconds": round(total, 1), "stages": stages, "eval_seconds": per_model,
-           "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform()}}
+           "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "cpu": cpu_name(),
+                       "compute": explain("auto", "cpu"),
+                       "env": {k: os.environ[k] for k in ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA") if k in os.environ}}}
     print("\n| stage | seconds |\n|---|---:|")
     for s in stages:
         print(f"| {s['stage']} | {s['seconds']} |")

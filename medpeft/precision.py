@@ -18,6 +18,7 @@ import functools
 import os
 import platform
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -73,6 +74,17 @@ def judge(found: dict) -> CpuBf16:
 def cpu_bf16() -> CpuBf16:
     """This CPU's verdict, probed once per process."""
     return judge(probe())
+
+
+def cpu_name() -> str:
+    """The processor's model name, as lscpu prints it."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
 
 
 def compute_dtype(device: str) -> torch.dtype:

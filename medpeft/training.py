@@ -40,7 +40,7 @@ from .export import hub_token, write_model_card
 from .modeling import (default_device, dequantize_4bit, load_model, load_tokenizer, model_compute_dtype,
                        pin_4bit_layout, prepare_kbit, resolve_model)
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
-from .precision import explain, resolve
+from .precision import cpu_bf16, cpu_name, explain, resolve
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
 
 CONFIG_FILE = "medpeft_config.json"
@@ -141,7 +141,8 @@ def peak_memory_gb(device: str, sampler: RssSampler | None = None) -> dict:
 def library_versions() -> dict:
     import importlib.metadata as md
 
-    out = {"python": platform.python_version(), "platform": platform.platform()}
+    out = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
+           "cpu_bf16_native": cpu_bf16().native}
     for name in ("medpeft", "torch", "transformers", "peft", "adapters", "trl", "bitsandbytes", "accelerate"):
         try:
             out[name] = md.version(name)

@@ -123,3 +123,13 @@ def test_evaluation_and_generate_follow_the_probe(cpu_kind, tiny_model, processe
                 "--dtype", "bfloat16"]) == 0
     err = capsys.readouterr().err
     assert ("about 30x slower" in err) is (cpu_kind == "avx2")
+
+
+def test_the_readme_shows_the_lines_a_run_prints(monkeypatch):
+    from pathlib import Path
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    for found in (ZEN3, ZEN4):
+        verdict = precision.judge(found)
+        monkeypatch.setattr(precision, "cpu_bf16", lambda verdict=verdict: verdict)
+        assert f"    {precision.explain('auto', 'cpu')}\n" in readme
