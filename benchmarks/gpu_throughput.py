@@ -78,7 +78,7 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
     padded instead, with plain SDPA attention (the correctness check's reference)."""
     import torch
 
-    from medpeft.data import PadCollator
+    from medpeft.tokens import PadCollator
     from medpeft.training import TrainingRun
 
     if padded_groups:
@@ -571,7 +571,7 @@ def per_example_losses(model, examples, packed):
     """Step-0 mean answer loss of each example, from one packed row or from padded rows."""
     import torch
 
-    from medpeft.data import PadCollator
+    from medpeft.tokens import PadCollator
     from medpeft.packing import PackedCollator, enable_varlen_attention, restore_attention
 
     model.eval()

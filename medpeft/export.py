@@ -1,28 +1,24 @@
-"""Using a trained output: fold LoRA into a standalone model, and the model card every output carries.
+"""Using a trained output elsewhere: fold LoRA into a standalone model, upload an output to the hub.
 
     medpeft merge --adapter models/qlora --output merged/    # plain transformers model, in the base's compute dtype
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 import torch
 
-from .config import atomic_write
 from .errors import UsageError
-
-DISCLAIMER = ("**Not medical advice.** This model is a research artefact. Its answers can be wrong, outdated or "
-              "unsafe; they must not be used to diagnose, treat or make decisions about any person's health. "
-              "A qualified clinician must check anything it says.")
+from .modeling import autocast
+from .outputs import load_trained, read_run, write_model_card
 
 NOT_MERGEABLE = {
     "adapter": "bottleneck adapters add new layers to every decoder block; they cannot be folded into the base "
                "weights. Serve the base model with the adapter loaded (adapters.init(model); "
-               "model.load_adapter(DIR)), or `medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
+               "model.load_adapter(DIR, use_safetensors=True)), or `medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
     "ptuning": "P-Tuning adds virtual tokens before every input; there is no weight to fold them into. Serve the "
                "base model with the prompt encoder (peft's PeftModel.from_pretrained(base, DIR)), or "
                "`medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
@@ -69,8 +65,6 @@ def merge(adapter_dir: str, output: str, log=print) -> dict:
     """Fold a LoRA/QLoRA output into its base and save a standalone model; returns the logit check."""
     from transformers import AutoModelForCausalLM
 
-    from .training import load_trained, read_run
-
     run = read_run(adapter_dir)
     if run["method"] in NOT_MERGEABLE:
         raise UsageError(f"'{adapter_dir}' holds the output of {run['method']}, which cannot be merged: "
@@ -115,8 +109,6 @@ def merge(adapter_dir: str, output: str, log=print) -> dict:
 
 @torch.no_grad()
 def _logit_check(adapted, merged, tokenizer) -> dict:
-    from .modeling import autocast
-
     text = "What is the first-line treatment for uncomplicated type 2 diabetes?"
     ids = tokenizer(text, return_tensors="pt")["input_ids"].to(next(adapted.parameters()).device)
     with autocast(adapted):
@@ -129,58 +121,6 @@ def _logit_check(adapted, merged, tokenizer) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------- model card
-
-def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, evaluation: dict | None = None) -> Path:
-    """README.md for a training (or merged) output: base model, method and settings, data, figures, limits."""
-    settings = run.get("settings", {})
-    data = run.get("data") or {}
-    library = "transformers" if run.get("merged_from") or run.get("method") == "adapter" else "peft"
-    front = ["---", f"base_model: {json.dumps(str(settings.get('model_name')))}", f"library_name: {library}",
-             "tags: [medical, medpeft, " + str(run.get("method")) + "]", "---", ""]
-    lines = front + [f"# {run.get('method', 'model')} adapter of {settings.get('model_name', '?')} (medpeft)", "",
-             DISCLAIMER, "",
-             "## Model", "",
-             f"- base model: `{settings.get('model_name')}` (resolved: `{run.get('resolved_model')}`)",
-             f"- method: **{run.get('method')}**" + (" (merged into the base: a standalone model)"
-                                                      if run.get("merged_from") else ""),
-             "- settings: " + ", ".join(f"`{k}={v}`" for k, v in sorted(settings.items())
-                                        if k not in ("output_dir", "data_path")), "",
-             "## Data", "",
-             f"- source: `{data.get('input_data')}` (sha256 `{str(data.get('input_sha256'))[:16]}…`)",
-             f"- schema: {data.get('schema')}; examples per split: {data.get('counts')}", ""]
-    if metrics:
-        lines += ["## Training", "",
-                  f"- validation loss: {metrics.get('validation_loss_base')} (base) → "
-                  f"{metrics.get('validation_loss_final')} (tuned), {metrics.get('validation_examples')} examples",
-                  f"- {metrics.get('steps')} steps, {metrics.get('train_runtime_s')} s on {metrics.get('device')}, "
-                  f"{metrics.get('tokens_per_s')} tokens/s, peak memory {metrics.get('peak_memory_gb')} GB",
-                  f"- trainable parameters: {metrics.get('trainable_parameters'):,} of "
-                  f"{metrics.get('total_parameters'):,}" if metrics.get("trainable_parameters") else "",
-                  "- training logs: `logs/` (TensorBoard: `tensorboard --logdir logs`)"
-                  if (Path(out_dir) / "logs").is_dir() else "", ""]
-    if run.get("merge_check"):
-        c = run["merge_check"]
-        lines += ["## Merge check", "", f"- max |logit difference| vs the adapter model: {c['max_abs_logit_diff']} "
-                  f"(logits span {c['logit_range']}; same greedy next tokens: {c['same_greedy_next_tokens']})", ""]
-    if evaluation:
-        lines += ["## Evaluation", "", "```json", json.dumps(evaluation, indent=1)[:4000], "```", ""]
-    lines += ["## Intended use and limits", "",
-              "For research on adapting language models to medical question answering. Trained on the data above "
-              "only; it inherits the base model's biases and gaps, may state false facts fluently, and was not "
-              "evaluated for clinical safety. Not for use with patients.", "",
-              "## Loading", "", _loading_hint(run), ""]
-    path = Path(out_dir) / "README.md"
-    atomic_write(path, "\n".join(x for x in lines if x is not None) + "\n")
-    return path
-
-
-def _loading_hint(run: dict) -> str:
-    if run.get("merged_from"):
-        return "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(DIR)\n```"
-    if run.get("method") == "adapter":
-        return ("```python\nimport adapters\nadapters.init(model)\nmodel.load_adapter(DIR, with_head=False, "
-                "set_active=True)\n```")
-    return "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, DIR)\n```"
 
 
 def hub_token(repo_id: str) -> str:

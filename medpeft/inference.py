@@ -16,6 +16,8 @@ from typing import Optional
 
 from .config import DEFAULT_SYSTEM_PROMPT, opt
 from .errors import UsageError
+from .readers import read_rows
+from .tokens import render
 
 NOTICE = ("medpeft chat: answers come from a language model and are NOT medical advice; they can be wrong. "
           "Ask a clinician. Type 'exit' or press Ctrl-D to leave.")
@@ -47,7 +49,7 @@ def load_for_inference(cfg):
     stdout carries the answers."""
     from .modeling import default_device, load_model, load_tokenizer, resolve_model
     from .precision import explain, resolve
-    from .training import load_trained
+    from .outputs import load_trained
 
     print(explain(cfg.dtype, default_device()), file=sys.stderr)
     if cfg.adapter:
@@ -66,8 +68,6 @@ def _messages(system_prompt: str, history: list[dict]) -> list[dict]:
 
 
 def read_questions(path: str) -> list[str]:
-    from .data import read_rows
-
     try:
         rows, _ = read_rows(path)
     except UsageError as exc:
@@ -83,7 +83,7 @@ def read_questions(path: str) -> list[str]:
 
 
 def generate(cfg, log=print) -> list[dict]:
-    from .evaluation import generate_answers
+    from .scoring import generate_answers
 
     if bool(cfg.prompt) == bool(cfg.input):
         raise UsageError("give exactly one of --prompt \"...\" or --input FILE")
@@ -112,7 +112,6 @@ def chat(cfg, stdin=None, stdout=None) -> None:
     import torch
     from transformers import TextIteratorStreamer
 
-    from .data import render
     from .modeling import autocast
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout

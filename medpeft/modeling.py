@@ -117,7 +117,7 @@ def fix_special_tokens(tokenizer, config=None) -> None:
     tokenizer.padding_side = "right"
 
 
-def _hub_endpoint_reachable(timeout: float = 3.0) -> bool:
+def hub_reachable(timeout: float = 3.0) -> bool:
     if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0", "false", "False"):
         return False
     endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co")
@@ -134,7 +134,7 @@ def _require_hub_model(repo_id: str) -> None:
     from huggingface_hub import try_to_load_from_cache
 
     cached = try_to_load_from_cache(repo_id, "config.json")
-    reachable = _hub_endpoint_reachable()
+    reachable = hub_reachable()
     if isinstance(cached, str):
         if not reachable:  # use the cached copy without waiting on network time-outs
             os.environ["HF_HUB_OFFLINE"] = "1"

@@ -76,7 +76,8 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
     from .data import prepare
     from .evaluation import run_evaluation
     from .report import write_report
-    from .training import CONFIG_FILE, train
+    from .outputs import CONFIG_FILE
+    from .training import train
 
     root = Path(cfg.output_root)
     data_dir, models_dir = root / "processed_data", root / "models"

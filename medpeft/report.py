@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .config import atomic_write
+from .outputs import atomic_write
 
 COLUMNS = [  # (header, getter)
     ("model", lambda e: e["name"]),

@@ -19,7 +19,6 @@ import gc
 import importlib.util
 import json
 import os
-import platform
 import random
 import resource
 import shutil
@@ -31,20 +30,20 @@ from pathlib import Path
 import torch
 
 from . import methods
-from .config import as_dict, write_json
-from .data import PadCollator, answer_examples, load_split, publish_dir
+from .config import as_dict
+from .data import load_split
 from .distributed import is_main_process, process_count, sharded, sum_over_processes
 from .errors import TrainingStopped, UsageError
-from .evaluation import answer_loss
-from .export import hub_token, write_model_card
-from .modeling import (default_device, dequantize_4bit, load_model, load_tokenizer, model_compute_dtype,
+from .scoring import answer_loss
+from .export import hub_token, push_to_hub
+from .modeling import (default_device, load_model, load_tokenizer, model_compute_dtype,
                        pin_4bit_layout, prepare_kbit, resolve_model)
+from .outputs import (CONFIG_FILE, base_signature, check_output_dir, library_versions, publish_dir, write_json,
+                      write_output_files)
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
-from .precision import cpu_bf16, cpu_name, explain, resolve
+from .precision import explain, resolve
+from .tokens import PadCollator, answer_examples
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
-
-CONFIG_FILE = "medpeft_config.json"
-METRICS_FILE = "metrics.json"
 
 
 @dataclass
@@ -138,32 +137,11 @@ def peak_memory_gb(device: str, sampler: RssSampler | None = None) -> dict:
             "memory_kind": "cpu_peak_rss_process"}
 
 
-def library_versions() -> dict:
-    import importlib.metadata as md
-
-    out = {"python": platform.python_version(), "platform": platform.platform(), "cpu": cpu_name(),
-           "cpu_bf16_native": cpu_bf16().native}
-    for name in ("medpeft", "torch", "transformers", "peft", "adapters", "trl", "bitsandbytes", "accelerate"):
-        try:
-            out[name] = md.version(name)
-        except md.PackageNotFoundError:
-            out[name] = None
-    if torch.cuda.is_available():
-        out["cuda_device"] = torch.cuda.get_device_name(0)
-    return out
-
-
 def _eval_subset(examples, n, seed):
     if n < 0 or n >= len(examples):
         return examples
     idx = sorted(random.Random(seed).sample(range(len(examples)), n))
     return [examples[i] for i in idx]
-
-
-def _check_output_dir(out: Path) -> None:
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / CONFIG_FILE).exists())):
-        raise UsageError(f"--output_dir '{out}' exists and is not a medpeft output (no {CONFIG_FILE}); "
-                         "choose another --output_dir or empty it")
 
 
 class _StepTimer:
@@ -788,10 +766,8 @@ class TrainingRun:
             "resolved_model": self.ctx.resolved_model, "base_signature": base_signature(self.model),
             "data": {k: self.metadata.get(k) for k in ("input_data", "input_sha256", "schema", "counts", "rows")},
             "medpeft_version": library_versions()["medpeft"], "fingerprint": self.fingerprint}
-        write_json(staging / CONFIG_FILE, run_info)
         metrics["adapter_size_bytes"] = (staging / self.method.WEIGHTS_FILE).stat().st_size
-        write_json(staging / METRICS_FILE, metrics)
-        write_model_card(staging, run_info, metrics)
+        write_output_files(staging, run_info, metrics)
         publish_dir(staging, out, CONFIG_FILE)
         self.log(f"saved to {out}")
         return out
@@ -827,7 +803,7 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
             return None
     method = methods.get(method_name)
     out = Path(cfg.output_dir)
-    _check_output_dir(out)
+    check_output_dir(out)
     reporters(cfg.report_to)  # a missing logger or token is found before the training, not after it
     if cfg.push_to_hub:
         hub_token(cfg.push_to_hub)
@@ -890,8 +866,6 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
         if not cfg.keep_checkpoints:
             shutil.rmtree(checkpoint_dir(cfg.output_dir), ignore_errors=True)
         if cfg.push_to_hub:
-            from .export import push_to_hub
-
             push_to_hub(out, cfg.push_to_hub, log)
         return metrics
     finally:
@@ -901,57 +875,3 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
             shutil.rmtree(root, ignore_errors=True)
 
 
-SIGNATURE_FIELDS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size",
-                    "vocab_size")
-
-
-def base_signature(model) -> dict:
-    """The shape of the base model a method was trained on; loading onto another shape is refused."""
-    config = model.config
-    return {k: getattr(config, k, None) for k in SIGNATURE_FIELDS}
-
-
-def signature_differences(expected: dict, config) -> list[str]:
-    """'field trained vs found' for each shape field of `expected` that `config` does not share."""
-    return [f"{k} {v} vs {getattr(config, k, None)}" for k, v in expected.items() if v != getattr(config, k, None)]
-
-
-def read_run(out_dir: str) -> dict:
-    path = Path(out_dir) / CONFIG_FILE
-    if not path.is_file():
-        raise UsageError(f"'{out_dir}' is not a complete medpeft training output (no {CONFIG_FILE})")
-    return json.loads(path.read_text(encoding="utf-8"))
-
-
-def load_trained(out_dir: str, device: str | None = None, dequantize: bool = False, dtype: str | None = None):
-    """(model, tokenizer, run config) of a finished training output, ready for evaluation or generation.
-    `dequantize`: a 4-bit base is turned into plain layers holding the same values, in its compute dtype
-    (bitsandbytes' CPU 4-bit matmul is about twice as slow as a plain one; the logits stay the same to rounding). `dtype` overrides the
-    training dtype of a base that is not 4-bit."""
-    run = read_run(out_dir)
-    method = methods.get(run["method"])
-    settings = run["settings"]
-    names = {f.name for f in dataclasses.fields(method.Options)}
-    opts = method.Options(**{k: v for k, v in settings.items() if k in names})
-    resolved = resolve_model(settings["model_name"])
-    tokenizer = load_tokenizer(str(out_dir))
-    four_bit = settings.get("load_in_4bit", False)
-    device = device or default_device()
-    base = load_model(resolved, load_in_4bit=four_bit, device=device,
-                      trust_remote_code=settings.get("trust_remote_code", False),
-                      dtype=resolve(dtype or settings.get("dtype", "auto"), device))
-    if four_bit:  # the same norm and embedding dtypes as during training, so logits match exactly
-        base = prepare_kbit(base)
-        if dequantize:
-            base = dequantize_4bit(base)
-    differences = signature_differences(run.get("base_signature") or {}, base.config)
-    if differences:
-        raise UsageError(f"the {run['method']} weights in '{out_dir}' do not fit base model "
-                         f"'{settings['model_name']}': trained on another shape ({', '.join(differences)})")
-    try:
-        model = pin_4bit_layout(method.load(base, Path(out_dir), opts))
-    except (RuntimeError, ValueError, KeyError) as exc:  # size mismatches, missing modules
-        raise UsageError(f"the {run['method']} weights in '{out_dir}' do not fit base model "
-                         f"'{settings['model_name']}': {str(exc).strip().splitlines()[0][:300]}") from exc
-    model.eval()
-    return model, tokenizer, run

@@ -8,7 +8,9 @@ import pytest
 
 from conftest import qa_rows, write_jsonl
 from medpeft.config import PrepareConfig
-from medpeft.data import normalise, prepare, render, tokenize_records
+from medpeft.data import prepare
+from medpeft.records import normalise
+from medpeft.tokens import render, tokenize_records
 from medpeft.modeling import load_tokenizer
 from medpeft.sample_data import SAMPLE_PATH
 

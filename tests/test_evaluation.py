@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from conftest import report_results
-from medpeft.evaluation import (bootstrap_ci, generate_answers, macro_f1, parse_choice, score_options,
-                                text_metrics, token_f1)
+from medpeft.metrics import bootstrap_ci, macro_f1, parse_choice, text_metrics, token_f1
+from medpeft.scoring import generate_answers, score_options
 from medpeft.modeling import load_tokenizer
 
 pytestmark = pytest.mark.filterwarnings("ignore")
@@ -180,8 +180,9 @@ def test_report_is_made_from_the_results_file_alone(tmp_path):
 def test_per_example_loss_matches_the_model_loss_and_has_an_interval(tiny_model, processed):
     from transformers import AutoModelForCausalLM
 
-    from medpeft.data import load_split, tokenize_records
-    from medpeft.evaluation import answer_loss
+    from medpeft.data import load_split
+    from medpeft.scoring import answer_loss
+    from medpeft.tokens import tokenize_records
 
     tok = load_tokenizer(tiny_model)
     model = AutoModelForCausalLM.from_pretrained(tiny_model)

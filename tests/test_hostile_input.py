@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, currently_in_test_context, event, given, set
 from hypothesis import strategies as st
 
 from medpeft.cli import run
-from medpeft.data import normalise
+from medpeft.records import normalise
 
 ROOT = Path(__file__).resolve().parents[1]
 SETTINGS = settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))

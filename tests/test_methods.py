@@ -15,7 +15,8 @@ from medpeft import methods
 from medpeft.config import TrainConfig
 from medpeft.errors import UsageError
 from medpeft.modeling import autocast
-from medpeft.training import build, load_trained
+from medpeft.outputs import load_trained
+from medpeft.training import build
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -245,7 +246,7 @@ def test_trainer_counts_flops_as_transformers_does(tiny_model, tmp_path):
 def test_logits_from_the_first_answer_token_on_give_the_same_loss_and_gradients(case, tiny_model, processed, tmp_path):
     """Padded batches ask the model for logits only where an answer token is predicted (PadCollator's
     answer_logits); the loss and every trainable gradient are those of the full logits."""
-    from medpeft.data import PadCollator
+    from medpeft.tokens import PadCollator
 
     method, options, overrides, _ = MATRIX[case]
     run = make(tiny_model, processed, tmp_path / "o", method, options, overrides, dtype="float32")

@@ -7,7 +7,7 @@ import pytest
 
 from medpeft import config, methods
 from medpeft.errors import UsageError
-from medpeft.modeling import _hub_endpoint_reachable, load_tokenizer, resolve_model
+from medpeft.modeling import hub_reachable, load_tokenizer, resolve_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,10 +51,10 @@ def test_directory_without_config_is_refused(tmp_path):
 def test_hub_reachability_is_decided_quickly(monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
     monkeypatch.setenv("HF_ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused at once
-    assert _hub_endpoint_reachable() is False
+    assert hub_reachable() is False
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setenv("HF_ENDPOINT", "https://huggingface.co")
-    assert _hub_endpoint_reachable() is False
+    assert hub_reachable() is False
 
 
 def test_demo_run_config_parses():

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from medpeft.data import PadCollator, answer_examples, load_split
+from medpeft.data import load_split
+from medpeft.tokens import PadCollator, answer_examples
 from medpeft.errors import UsageError
 from medpeft.packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
 

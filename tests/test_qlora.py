@@ -51,7 +51,7 @@ def test_peft_loads_the_adapter_directly(qlora_out, tiny_model):
 @pytest.mark.parametrize("init", ["gaussian", "olora", "pissa", "loftq"])
 def test_initialisations_train_save_and_load(init, tiny_model, processed, tmp_path):
     """Every init runs on a 4-bit base; PiSSA/OLoRA change the base, so they are saved as a plain LoRA of rank 2r."""
-    from medpeft.training import load_trained
+    from medpeft.outputs import load_trained
 
     out = tmp_path / init
     run = make(tiny_model, processed, out, "qlora", dict(lora_r=4, init_lora_weights=init), dict(load_in_4bit=True),

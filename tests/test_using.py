@@ -43,7 +43,7 @@ def test_merge_gives_a_plain_model_with_the_adapters_logits(outputs, tmp_path, n
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from medpeft.modeling import autocast
-    from medpeft.training import load_trained
+    from medpeft.outputs import load_trained
 
     out = tmp_path / "merged"
     assert run(["merge", "--adapter", outputs[name], "--output", str(out)]) == 0
@@ -166,9 +166,9 @@ def test_option_scores_with_a_shared_prompt_cache_equal_scoring_each_option_alon
     """score_options runs each prompt once and continues every option from its cache; scoring each option
     with the whole prompt in its own forward pass gives the same numbers."""
     from medpeft.data import load_split
-    from medpeft.evaluation import _prompt, score_options
+    from medpeft.scoring import _prompt, score_options
     from medpeft.modeling import autocast
-    from medpeft.training import load_trained
+    from medpeft.outputs import load_trained
 
     model, tok, _ = load_trained(outputs[name], device="cpu")
     records = [r for r in load_split(processed, "test") if r["options"]][:6]
@@ -194,9 +194,11 @@ def test_lora_evaluated_merged_on_the_cpu_scores_as_trained(outputs, processed, 
     """The CPU evaluation folds LoRA into the (dequantized) base for speed: the answer loss barely moves."""
     from types import SimpleNamespace
 
-    from medpeft.data import answer_examples, load_split
-    from medpeft.evaluation import _merge_for_evaluation, answer_loss
-    from medpeft.training import load_trained
+    from medpeft.data import load_split
+    from medpeft.evaluation import _merge_for_evaluation
+    from medpeft.scoring import answer_loss
+    from medpeft.tokens import answer_examples
+    from medpeft.outputs import load_trained
 
     model, tok, _ = load_trained(outputs[name], device="cpu", dequantize=True)
     records = load_split(processed, "test")[:24]
@@ -231,10 +233,11 @@ def test_one_pass_evaluation_equals_separate_loss_and_generation(outputs, proces
     """score_and_generate runs each prompt once, then continues the answer (loss), the options and greedy decoding
     from its cache: the same loss as a full teacher-forced pass, and the same answers as generating each question
     alone. float32 on either CPU kind: this checks the cache and positions, not the rounding of bf16."""
-    from medpeft.data import answer_examples, load_split
-    from medpeft.evaluation import answer_loss, generate_answers, loss_summary, score_and_generate
+    from medpeft.data import load_split
+    from medpeft.scoring import answer_loss, generate_answers, loss_summary, score_and_generate
+    from medpeft.tokens import answer_examples
     from medpeft.modeling import load_model, load_tokenizer
-    from medpeft.training import load_trained
+    from medpeft.outputs import load_trained
 
     if name == "base":
         model, tok = load_model(tiny_model, device="cpu", dtype=torch.float32).eval(), load_tokenizer(tiny_model)
@@ -258,15 +261,15 @@ def test_one_pass_evaluation_equals_separate_loss_and_generation(outputs, proces
 def test_one_pass_evaluation_does_not_depend_on_where_the_shared_prompt_ends(outputs, processed, name, monkeypatch):
     """When an option merges with the prompt's last token, the shared prefix ends earlier and the rest of the prompt
     is continued before decoding: the prefix shortened by hand for some records changes no result."""
-    from medpeft import evaluation
+    from medpeft import scoring
     from medpeft.data import load_split
-    from medpeft.training import load_trained
+    from medpeft.outputs import load_trained
 
     model, tok, _ = load_trained(outputs[name], device="cpu", dtype="float32")
     records = load_split(processed, "test")
     records = [r for r in records if r["options"]][:3] + [r for r in records if not r["options"]][:3]
-    expected = evaluation.score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
-    items = evaluation._items
+    expected = scoring.score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
+    items = scoring._items
 
     def shorter(tokenizer, recs, max_length):
         out = items(tokenizer, recs, max_length)
@@ -280,8 +283,8 @@ def test_one_pass_evaluation_does_not_depend_on_where_the_shared_prompt_ends(out
             it.options = [(letter, moved + tail, start + cut) for letter, tail, start in it.options]
         return out
 
-    monkeypatch.setattr(evaluation, "_items", shorter)
-    got = evaluation.score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
+    monkeypatch.setattr(scoring, "_items", shorter)
+    got = scoring.score_and_generate(model, tok, records, batch_size=3, max_new_tokens=5, max_length=256)
     assert got["answers"] == expected["answers"] and got["tokens"] == expected["tokens"]
     for a, b in zip(got["nll"], expected["nll"]):
         assert abs(a - b) < 1e-4 * max(1.0, abs(b))
