@@ -24,10 +24,8 @@ sys.path.insert(0, str(HERE.parent))
 
 
 def main(argv=None):
-    from medpeft import methods
     from medpeft.cli import _quiet_libraries
-    from medpeft.config import load_yaml, parse
-    from medpeft.pipeline import DEMO_CONFIG, RunConfig, run_pipeline
+    from medpeft.pipeline import DEMO_CONFIG, plan, run_pipeline
     from medpeft.precision import cpu_name, explain
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
@@ -37,10 +35,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     root = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="demo-stages-"))
     _quiet_libraries()
-    data = load_yaml(args.config)
-    overrides = {m: data[m] for m in methods.NAMES if isinstance(data.get(m), dict)}
-    (cfg,) = parse(["--config", args.config, "--output_root", str(root)], "demo_stages", "", [RunConfig],
-                   nested=methods.NAMES)
+    steps = plan(["--config", args.config, "--output_root", str(root)], "demo_stages")
     marks = [("start", time.time())]
 
     def log(line):
@@ -49,7 +44,7 @@ def main(argv=None):
             marks.append((line, time.time()))
 
     t0 = time.time()
-    results = run_pipeline(cfg, overrides, log=log)
+    results = run_pipeline(steps, log=log)
     total = time.time() - t0
     marks.append(("end", time.time()))
     stages = []

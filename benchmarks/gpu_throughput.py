@@ -105,12 +105,12 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
         profile_steps(name, overrides, *map(int, os.environ["BENCH_PROFILE"].split(":")))
     if os.environ.get("BENCH_DDP"):
         ddp_options(json.loads(os.environ["BENCH_DDP"]))
-    if os.environ.get("BENCH_AUTO_GC"):  # an A/B of medpeft.training.scheduled_gc: Python's collector left on
+    if os.environ.get("BENCH_AUTO_GC"):  # an A/B of medpeft.training.trainer.scheduled_gc: Python's collector left on
         import contextlib
 
-        import medpeft.training
+        import medpeft.training.run
 
-        medpeft.training.scheduled_gc = contextlib.nullcontext
+        medpeft.training.run.scheduled_gc = contextlib.nullcontext
     method, options, base = OURS[name]
     settings = dict(model_name=ckpt, data_path="-", output_dir=tempfile.mkdtemp(prefix="bench-") + "/out",
                     max_steps=steps, batch_size=8, max_length=512, learning_rate=2e-4, logging_steps=1,
@@ -188,14 +188,14 @@ def profile_steps(name, overrides, first, count):
             os.remove(trace)
             self.prof = None
 
-    base = training._trainer_class()
+    base = training.trainer_class()
 
     class Profiled(base):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.add_callback(Profile())
 
-    training._trainer_class = lambda: Profiled
+    training.trainer_class = lambda: Profiled
 
 
 def ddp_options(options):
@@ -206,7 +206,7 @@ def ddp_options(options):
 
     from medpeft import training
 
-    base = training._trainer_class()
+    base = training.trainer_class()
 
     class Tuned(base):
         def _wrap_model(self, model, training=True, dataloader=None):
@@ -217,7 +217,7 @@ def ddp_options(options):
                     setattr(handler, key, DDPCommunicationHookType(value) if key == "comm_hook" else value)
             return wrapped
 
-    training._trainer_class = lambda: Tuned
+    training.trainer_class = lambda: Tuned
 
 
 RUN_TIMEOUT = None  # seconds a run in its own process may take (--run_timeout)
@@ -572,7 +572,7 @@ def per_example_losses(model, examples, packed):
     import torch
 
     from medpeft.tokens import PadCollator
-    from medpeft.packing import PackedCollator, enable_varlen_attention, restore_attention
+    from medpeft.training.packing import PackedCollator, enable_varlen_attention, restore_attention
 
     model.eval()
     device = next(model.parameters()).device
@@ -608,7 +608,7 @@ def correctness_check(ckpt, steps, tokens_per_batch, method="qlora"):
 
     from medpeft import methods
     from medpeft.config import TrainConfig
-    from medpeft.speedups import apply_liger
+    from medpeft.training.speedups import apply_liger
     from medpeft.training import RunContext
 
     examples = synthetic_examples(12, seed=1)

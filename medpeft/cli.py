@@ -13,7 +13,14 @@ import sys
 import warnings
 from typing import Optional
 
+from . import config, data, inference, methods, pipeline
+from .distributed import is_main_process, launch, local_rank
 from .errors import TrainingStopped, UsageError
+from .evaluation import run_evaluation
+from .export import merge
+from .pipeline import DEMO_CONFIG
+from .report import COLUMNS, recommend_lines, summary_rows, write_report
+from .training import train
 
 SUBCOMMANDS = {
     "prepare": "medical data -> processed_data/{train,validation,test}.json + metadata.json",
@@ -42,8 +49,6 @@ def _quiet_libraries() -> None:
 
 
 def cmd_prepare(argv, prog):
-    from . import config, data
-
     (cfg,) = config.parse(argv, prog, SUBCOMMANDS["prepare"], [config.PrepareConfig])
     meta = data.prepare(cfg)
     rows, tok = meta["rows"], meta["tokens"]
@@ -67,12 +72,10 @@ def _pop_flag(argv, name):
 
 
 def cmd_train(argv, prog, method_name=None):
-    from . import config, methods
-
     flag, argv = _pop_flag(list(argv), "--method")
     method_name = flag or method_name
-    config_path, _ = _pop_flag(list(argv), "--config")
-    config_method = config.load_yaml(config_path).get("method") if config_path else None
+    config_path, settings = config.config_file(argv)
+    config_method = settings.get("method")
     if method_name and config_method and config_method != method_name:
         raise UsageError(f"{prog}: --config {config_path} is for method '{config_method}', "
                          f"but this command trains '{method_name}'")
@@ -80,21 +83,10 @@ def cmd_train(argv, prog, method_name=None):
     if method_name is None:
         raise UsageError(f"{prog}: --method is required: one of {', '.join(methods.NAMES)}")
     method = methods.get(method_name)
-    cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS)
-    from .distributed import is_main_process, launch, local_rank
-
-    if cfg.fsdp and not method.FSDP:
-        raise UsageError(f"{prog}: --fsdp shards LoRA training (method qlora); {method_name} trains on several GPUs "
-                         "data-parallel: drop --fsdp and keep --num_gpus")
-    if cfg.fsdp and cfg.compile == "on":
-        raise UsageError(f"{prog}: --compile on cannot run with --fsdp (FSDP gathers each layer's shards around "
-                         "its call); use --compile auto, which leaves sharded layers uncompiled")
-    if cfg.fsdp and cfg.num_gpus < 2 and local_rank() is None:
-        raise UsageError(f"{prog}: --fsdp splits the base over several GPUs: add --num_gpus N (N >= 2)")
+    cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS,
+                             rules=methods.training_rules(method))
     if cfg.num_gpus > 1 and local_rank() is None:
         return launch(cfg.num_gpus, ["train", "--method", method_name, *argv], fsdp=cfg.fsdp)
-    from .training import train
-
     # set by the pipeline when it launches a multi-GPU training stage (run_all.py --num_gpus)
     fingerprint = os.environ.pop("MEDPEFT_STAGE_FINGERPRINT", None)
     metrics = train(method_name, cfg, opts, fingerprint=fingerprint, discard_stale_checkpoints=bool(fingerprint))
@@ -107,8 +99,6 @@ def cmd_train(argv, prog, method_name=None):
 
 
 def print_summary(results: dict) -> None:
-    from .report import COLUMNS, summary_rows
-
     keep = ["model", "status", "loss", "ROUGE-L [95% CI]", "MC acc. log-lik [95% CI]", "gain vs base",
             "trainable params", "train s", "peak mem GB", "s/answer"]
     idx = [i for i, (h, _) in enumerate(COLUMNS) if h in keep]
@@ -123,10 +113,6 @@ def print_summary(results: dict) -> None:
 def cmd_evaluate(argv, prog):
     from pathlib import Path
 
-    from . import config
-    from .evaluation import run_evaluation
-    from .report import write_report
-
     (cfg,) = config.parse(argv, prog, SUBCOMMANDS["evaluate"], [config.EvalConfig])
     results = run_evaluation(cfg)
     md, page = write_report(results, Path(cfg.output_file).parent)
@@ -136,29 +122,16 @@ def cmd_evaluate(argv, prog):
 
 
 def cmd_run(argv, prog):
-    from . import config, methods
-    from .pipeline import RunConfig, run_pipeline
-
     if not argv:  # a bare `python run_all.py` is the demo: every method on the embedded model and sample
-        from .pipeline import DEMO_CONFIG
-
         argv = ["--config", str(DEMO_CONFIG)]
         print(f"no arguments: running the demo configuration {DEMO_CONFIG}")
-    config_path, _ = _pop_flag(list(argv), "--config")
-    data = config.load_yaml(config_path) if config_path else {}
-    # a run config may carry per-method sections: {qlora: {lora_r: 8}, adapter: {...}}
-    overrides = {m: data[m] for m in methods.NAMES if isinstance(data.get(m), dict)}
-    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["run"], [RunConfig], nested=methods.NAMES)
-    results = run_pipeline(cfg, overrides)
+    results = pipeline.run_pipeline(pipeline.plan(argv, prog, SUBCOMMANDS["run"]))
     print_summary(results)
     return 0
 
 
 def cmd_merge(argv, prog):
     from dataclasses import dataclass
-
-    from . import config
-    from .export import merge
 
     @dataclass
     class MergeConfig:
@@ -174,8 +147,6 @@ def cmd_merge(argv, prog):
 
 
 def cmd_generate(argv, prog, interactive=False):
-    from . import config, inference
-
     (cfg,) = config.parse(argv, prog, SUBCOMMANDS["chat" if interactive else "generate"],
                           [inference.GenerateConfig])
     if interactive:
@@ -189,9 +160,6 @@ def cmd_recommend(argv, prog):
     import json
     from dataclasses import dataclass
     from pathlib import Path
-
-    from . import config
-    from .report import recommend_lines
 
     @dataclass
     class RecommendConfig:

@@ -198,15 +198,20 @@ def _converter(tp):
     return str
 
 
-def build_parser(prog: str, description: str, sections: list[type], defaults: dict | None = None):
+def build_parser(prog: str, description: str, sections: list[type], defaults: dict | None = None,
+                 exclude: tuple = ()):
     parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS,
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     parser.add_argument("--config", help="YAML file of settings; flags given here override it")
     defaults = defaults or {}
+    seen = set(exclude)
     for section in sections:
         group = parser.add_argument_group(section.__name__)
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
+            if f.name in seen:  # a field two sections share is one flag
+                continue
+            seen.add(f.name)
             default = defaults.get(f.name, f.default)
             help_text = f"{f.metadata['help']} (default: {default})"
             if hints[f.name] is bool:
@@ -230,43 +235,81 @@ def load_yaml(path: str) -> dict:
     return data
 
 
-def parse(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None,
-          nested: tuple = ()) -> list:
-    """Parse flags (+ optional YAML) into one instance per section; raise one UsageError listing every problem.
+def config_file(argv) -> tuple[str | None, dict]:
+    """The --config file named in argv and its settings (empty without one), read once."""
+    argv = list(argv)
+    for i, arg in enumerate(argv):
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1], load_yaml(argv[i + 1])
+        if arg.startswith("--config="):
+            path = arg.split("=", 1)[1]
+            return path, load_yaml(path)
+    return None, {}
 
-    `nested` names YAML keys that hold a mapping for someone else (run_all's per-method sections)."""
-    parser = build_parser(prog, description, sections, defaults)
-    given = vars(parser.parse_args(argv))
-    values = dict(defaults or {})
-    problems = []
+
+def settle(sections: list[type], values: dict, origins: dict | None = None, rules=None) -> tuple[list, list[str]]:
+    """The one door every setting goes through, whatever brought it (a flag, a YAML file, a section of one): each
+    value converted to its field's type and checked against its choices, one instance per section, then each
+    section's validate() and the `rules` between them (a callable taking the instances, returning problems).
+    `origins` names where a value came from, for the messages. Returns (instances, every problem found)."""
     known = {f.name: (s, f) for s in sections for f in dataclasses.fields(s)}
-    if "config" in given:
-        config_path = given.pop("config")
-        for key, value in load_yaml(config_path).items():
-            if key == "method" or (key in nested and isinstance(value, dict)):
-                continue
-            if key not in known:
-                problems.append(f"unknown setting '{key}' in {config_path} (known: {', '.join(sorted(known))})")
-                continue
-            section, f = known[key]
-            try:
-                values[key] = _converter(typing.get_type_hints(section)[key])(value)
-            except (TypeError, ValueError) as exc:
-                problems.append(f"{config_path}: {key}: {exc}")
-                continue
-            if f.metadata["choices"] and values[key] not in f.metadata["choices"]:
-                problems.append(f"{config_path}: {key} must be one of {f.metadata['choices']}, got {value!r}")
-    values.update(given)
+    origins = origins or {}
+    problems, typed = [], {}
+    for key, value in values.items():
+        where = f"{origins[key]}: " if origins.get(key) else ""
+        if key not in known:
+            problems.append(f"{where}unknown setting '{key}' (known: {', '.join(sorted(known))})")
+            continue
+        section, f = known[key]
+        try:
+            typed[key] = _converter(typing.get_type_hints(section)[key])(value)
+        except (TypeError, ValueError) as exc:
+            problems.append(f"{where}{key}: {exc}")
+            continue
+        if f.metadata["choices"] and typed[key] not in f.metadata["choices"]:
+            problems.append(f"{where}{key} must be one of {f.metadata['choices']}, got {value!r}")
     instances = []
     for section in sections:
         names = {f.name for f in dataclasses.fields(section)}
-        instances.append(section(**{k: v for k, v in values.items() if k in names}))
+        instances.append(section(**{k: v for k, v in typed.items() if k in names}))
     if not problems:
         for inst in instances:
             problems.extend(inst.validate())
+        if not problems and rules is not None:
+            problems.extend(rules(*instances))
+    return instances, problems
+
+
+def given_values(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None,
+                 nested: tuple = (), exclude: tuple = ()) -> tuple[dict, dict, dict]:
+    """(the settings given explicitly, where each came from, the --config file's nested sections by name).
+    Lowest first: the file's top level, then flags. Flags arrive typed, file values as written: `settle`
+    converts both."""
+    parser = build_parser(prog, description, sections, defaults, exclude)
+    flags = vars(parser.parse_args(argv))
+    path = flags.pop("config", None)
+    data = load_yaml(path) if path else {}
+    found = {k: v for k, v in data.items() if k in nested and isinstance(v, dict)}
+    top = {k: v for k, v in data.items() if k != "method" and k not in found}
+    origins = {k: path for k in top if k not in flags}
+    return {**top, **flags}, origins, {k: (v, f"{path}: {k}") for k, v in found.items()}
+
+
+def raise_problems(prog: str, problems: list[str]) -> None:
     if problems:
         head = f"{len(problems)} problems: " if len(problems) > 1 else ""
         raise UsageError(f"{prog}: {head}" + "; ".join(problems))
+
+
+def parse(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None,
+          nested: tuple = (), rules=None, exclude: tuple = ()) -> list:
+    """Parse flags (+ optional YAML) into one instance per section; raise one UsageError listing every problem.
+    Precedence, lowest first: the dataclass default < `defaults` < the --config file < a flag.
+
+    `nested` names YAML keys that hold a mapping for someone else (run_all's per-method sections)."""
+    given, origins, _ = given_values(argv, prog, description, sections, defaults, nested, exclude)
+    instances, problems = settle(sections, {**(defaults or {}), **given}, origins, rules)
+    raise_problems(prog, problems)
     return instances
 
 

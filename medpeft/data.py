@@ -161,6 +161,15 @@ def read_processed(path: Path, flag: str) -> list[dict]:
     return records
 
 
+def read_metadata(data_path: str) -> dict:
+    """metadata.json of a processed dataset."""
+    path = Path(data_path) / "metadata.json"
+    if not path.is_file():
+        raise UsageError(f"--data_path: '{data_path}' is not a processed dataset (no metadata.json); "
+                         "run utils/prepare_dataset.py first")
+    return json.loads(path.read_text(encoding="utf-8"))
+
+
 def load_split(data_path: str, split: str) -> list[dict]:
     if not (Path(data_path) / "metadata.json").is_file():
         raise UsageError(f"--data_path: '{data_path}' is not a processed dataset (no metadata.json); "

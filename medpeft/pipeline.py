@@ -7,6 +7,10 @@ Layout under --output_root: processed_data/, models/<method>/, evaluation_result
 A stage is skipped when its output is complete and was made from the same settings and inputs (a fingerprint
 stored in the output); a training stage that was killed resumes from its newest checkpoint; a method that fails
 is reported as failed and the others go on.
+
+Settings: RunConfig below holds what only the pipeline has; every training flag (TrainConfig) is a run_all flag too,
+for every method, and a --config file's per-method sections (`qlora: {lora_r: 8}`) hold a method's own.
+All of them go through config.settle, and every problem of every method is reported before anything runs.
 """
 
 from __future__ import annotations
@@ -14,51 +18,95 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from . import methods
+import yaml
+
+from . import config, methods
 from .config import DEFAULT_SYSTEM_PROMPT, EvalConfig, PrepareConfig, TrainConfig, opt
+from .data import prepare
+from .distributed import launch
 from .errors import UsageError
+from .evaluation import run_evaluation
+from .outputs import CONFIG_FILE
+from .report import write_report
 from .sample_data import SAMPLE_PATH
+from .training import train
 
 DEMO_CONFIG = Path(__file__).parent / "resources" / "demo.yaml"
+DEFAULTS = {"model_name": "smollm2-135m"}  # run_all's defaults that differ from TrainConfig's
+OWNED = ("data_path", "output_dir", "resume_from_checkpoint")  # set by the pipeline for each stage, not flags
 
 
 @dataclass
 class RunConfig:
     input_data: str = opt(str(SAMPLE_PATH), "medical data (default: the bundled synthetic sample)")
-    model_name: str = opt("smollm2-135m", "base model for every method (default: the embedded SmolLM2-135M)")
-    num_epochs: float = opt(3.0, "passes over the training split, every method")
-    batch_size: int = opt(8, "examples per micro-batch, every method")
-    max_steps: int = opt(-1, "optimizer steps per method (-1 = as many as --num_epochs gives)")
     methods: str = opt(",".join(methods.NAMES), "comma-separated methods to train")
     output_root: str = opt(".", "folder for processed_data/, models/, evaluation_results.json and the report")
-    max_length: int = opt(512, "tokens per example")
     train_size: float = opt(0.8, "share of rows for training")
     group_by: Optional[str] = opt(None, "column whose groups stay inside one split")
     max_samples: int = opt(200, "test items evaluated (-1 = all)")
     eval_batch_size: int = opt(16, "sequences per batch in the evaluation (generation is faster in larger batches)")
     system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_new_tokens: int = opt(128, "longest generated answer in the evaluation")
-    seed: int = opt(42, "random seed for splits, training and evaluation")
-    dtype: str = opt("auto", "compute dtype of every method and of the evaluation (auto = bf16 on a GPU and on a CPU "
-                             "with native bf16, float32 on other CPUs)", ["auto", "float32", "bfloat16"])
-    num_gpus: int = opt(1, "GPUs to train each method on (data parallel through accelerate launch); the evaluation "
-                           "runs on one")
 
     def validate(self) -> list[str]:
         unknown = [m for m in self.method_list() if m not in methods.NAMES]
         problems = [f"--methods: unknown method(s) {unknown}; known: {', '.join(methods.NAMES)}"] if unknown else []
-        if self.num_gpus < 1:
-            problems.append(f"--num_gpus must be 1 or more, got {self.num_gpus}")
         if not self.method_list():
             problems.append("--methods is empty")
         return problems
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
+
+
+@dataclass
+class Plan:
+    """Everything a pipeline run will do, settled and validated before any of it starts."""
+
+    run: RunConfig
+    prepare: PrepareConfig
+    stages: dict  # method name -> (TrainConfig, the method's Options)
+    evaluate: EvalConfig
+    num_gpus: int
+
+
+def plan(argv, prog: str = "run_all.py", description: str = "prepare, train every method, evaluate, report") -> Plan:
+    """Parse run_all's flags and --config file (with its per-method sections) into a Plan; one UsageError lists
+    every problem of every stage."""
+    given, origins, sections = config.given_values(argv, prog, description, [RunConfig, TrainConfig], DEFAULTS,
+                                                   nested=methods.NAMES, exclude=OWNED)
+    (run, top), problems = config.settle([RunConfig, TrainConfig], {**DEFAULTS, **given}, origins)
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    shared = {k: v for k, v in {**DEFAULTS, **given}.items() if k in train_fields}  # explicit beat method defaults
+    root = Path(run.output_root)
+    data_dir = root / "processed_data"
+    stages = {}
+    for name in run.method_list() if not problems else []:
+        method = methods.get(name)
+        section, where = sections.get(name, ({}, ""))
+        values = {**method.DEFAULTS, **shared, "data_path": str(data_dir), "output_dir": str(root / "models" / name),
+                  "resume_from_checkpoint": "auto", **section}  # a run killed mid-training goes on from its checkpoint
+        instances, found = config.settle([TrainConfig, method.Options], values, {k: where for k in section},
+                                         rules=methods.training_rules(method))
+        problems += [f"{name}: {p}" for p in found]
+        stages[name] = tuple(instances)
+    prep = PrepareConfig(input_data=run.input_data, output_dir=str(data_dir), model_name=top.model_name,
+                         max_length=top.max_length, train_size=run.train_size, group_by=run.group_by, seed=top.seed,
+                         system_prompt=run.system_prompt)
+    evaluate = EvalConfig(base_model=top.model_name, test_data=str(data_dir / "test.json"),
+                          output_file=str(root / "evaluation_results.json"), max_samples=run.max_samples,
+                          batch_size=run.eval_batch_size, max_new_tokens=run.max_new_tokens,
+                          max_length=top.max_length, seed=top.seed, dtype=top.dtype,
+                          trust_remote_code=top.trust_remote_code)
+    if not problems:
+        problems += prep.validate() + evaluate.validate()
+    config.raise_problems(prog, problems)
+    return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus)
 
 
 def fingerprint(*parts) -> str:
@@ -72,55 +120,29 @@ def _stored(path: Path, key="fingerprint") -> str | None:
         return None
 
 
-def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print) -> dict:
-    from .data import prepare
-    from .evaluation import run_evaluation
-    from .report import write_report
-    from .outputs import CONFIG_FILE
-    from .training import train
-
-    root = Path(cfg.output_root)
-    data_dir, models_dir = root / "processed_data", root / "models"
-    prep = PrepareConfig(input_data=cfg.input_data, output_dir=str(data_dir), model_name=cfg.model_name,
-                         max_length=cfg.max_length, train_size=cfg.train_size, group_by=cfg.group_by, seed=cfg.seed,
-                         system_prompt=cfg.system_prompt)
-    problems = prep.validate()
-    if problems:
-        raise UsageError("; ".join(problems))
-    input_hash = _input_hash(cfg.input_data)
-    prep_fp = fingerprint(dataclasses.asdict(prep), input_hash)
+def run_pipeline(steps: Plan, log=print) -> dict:
+    root = Path(steps.run.output_root)
+    prep, data_dir = steps.prepare, Path(steps.prepare.output_dir)
+    prep_fp = fingerprint(dataclasses.asdict(prep), _input_hash(prep.input_data))
     if _stored(data_dir / "metadata.json") == prep_fp:
         log(f"[1/3] prepare: {data_dir} is up to date, skipped")
     else:
-        log(f"[1/3] prepare: {cfg.input_data} -> {data_dir}")
+        log(f"[1/3] prepare: {prep.input_data} -> {data_dir}")
         prepare(prep, log=log, fingerprint=prep_fp)
 
     trained, failed = {}, {}
-    names = cfg.method_list()
-    for i, name in enumerate(names, start=1):
+    for i, (name, (train_cfg, opts)) in enumerate(steps.stages.items(), start=1):
         method = methods.get(name)
-        settings = dict(method.DEFAULTS, model_name=cfg.model_name, data_path=str(data_dir),
-                        output_dir=str(models_dir / name), num_epochs=cfg.num_epochs, batch_size=cfg.batch_size,
-                        max_steps=cfg.max_steps, max_length=cfg.max_length, seed=cfg.seed, dtype=cfg.dtype,
-                        num_gpus=cfg.num_gpus,
-                        resume_from_checkpoint="auto")  # a run killed mid-training goes on from its checkpoint
-        settings.update((method_overrides or {}).get(name, {}))
-        fields = {f.name for f in dataclasses.fields(TrainConfig)}
-        train_cfg = TrainConfig(**{k: v for k, v in settings.items() if k in fields})
-        opts = method.Options(**{k: v for k, v in settings.items() if k not in fields})
-        problems = train_cfg.validate() + opts.validate()
-        if problems:
-            raise UsageError(f"settings for {name}: " + "; ".join(problems))
         fp = fingerprint(dataclasses.asdict(train_cfg), dataclasses.asdict(opts), prep_fp)
         out = Path(train_cfg.output_dir)
         if _stored(out / CONFIG_FILE) == fp and (out / method.WEIGHTS_FILE).is_file():
-            log(f"[2/3] train {name} ({i}/{len(names)}): {out} is up to date, skipped")
+            log(f"[2/3] train {name} ({i}/{len(steps.stages)}): {out} is up to date, skipped")
             trained[name] = str(out)
             continue
-        log(f"[2/3] train {name} ({i}/{len(names)}) -> {out}")
+        log(f"[2/3] train {name} ({i}/{len(steps.stages)}) -> {out}")
         try:
-            if cfg.num_gpus > 1:
-                _train_on_gpus(name, train_cfg, opts, fp, cfg.num_gpus)
+            if steps.num_gpus > 1:
+                _train_on_gpus(name, train_cfg, opts, fp, steps.num_gpus)
             else:
                 train(name, train_cfg, opts, log=log, fingerprint=fp, discard_stale_checkpoints=True)
             trained[name] = str(out)
@@ -130,10 +152,7 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
             failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             log(f"[2/3] train {name} failed: {failed[name]}")
 
-    eval_cfg = EvalConfig(base_model=cfg.model_name, test_data=str(data_dir / "test.json"),
-                          output_file=str(root / "evaluation_results.json"), max_samples=cfg.max_samples,
-                          batch_size=cfg.eval_batch_size, max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
-                          seed=cfg.seed, dtype=cfg.dtype, **{f"{m}_model": p for m, p in trained.items()})
+    eval_cfg = dataclasses.replace(steps.evaluate, **{f"{m}_model": p for m, p in trained.items()})
     eval_fp = fingerprint(dataclasses.asdict(eval_cfg), prep_fp,
                           {m: _stored(Path(p) / CONFIG_FILE) for m, p in trained.items()}, failed)
     results_path = Path(eval_cfg.output_file)
@@ -150,16 +169,9 @@ def run_pipeline(cfg: RunConfig, method_overrides: dict | None = None, log=print
 
 def _train_on_gpus(name: str, train_cfg, opts, fp: str, num_gpus: int) -> None:
     """One training stage in num_gpus processes (`medpeft train --config`, launched like `--num_gpus`)."""
-    import tempfile
-
-    import yaml
-
-    from .config import as_dict
-    from .distributed import launch
-
     with tempfile.TemporaryDirectory(prefix="medpeft-stage-") as tmp:
         settings = Path(tmp) / f"{name}.yaml"
-        settings.write_text(yaml.safe_dump({"method": name, **as_dict(train_cfg, opts)}), encoding="utf-8")
+        settings.write_text(yaml.safe_dump({"method": name, **config.as_dict(train_cfg, opts)}), encoding="utf-8")
         # the output records the stage's fingerprint, as an in-process stage does
         code = launch(num_gpus, ["train", "--method", name, "--config", str(settings)],
                       env={"MEDPEFT_STAGE_FINGERPRINT": fp})

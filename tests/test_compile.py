@@ -8,9 +8,10 @@ it is one varlen kernel, benchmarks/gpu_throughput.py)."""
 import pytest
 import torch
 
-from medpeft import methods, speedups
+from medpeft import methods
+from medpeft.training import speedups
 from medpeft.config import TrainConfig
-from medpeft.speedups import decoder_layers
+from medpeft.training.speedups import decoder_layers
 from medpeft.training import build
 
 pytestmark = pytest.mark.filterwarnings("ignore")

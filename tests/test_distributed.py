@@ -63,10 +63,10 @@ def test_packed_ptuning_on_two_processes_follows_one(tiny_model, processed, tmp_
 
 POISONED = """
 import os, sys
-from medpeft import training
+from medpeft.training import run as training
 from medpeft.cli import run
 
-original = training._trainer_class()
+original = training.trainer_class()
 
 
 class Poisoned(original):  # only the second process's loss turns NaN, at step 3
@@ -75,7 +75,7 @@ class Poisoned(original):  # only the second process's loss turns NaN, at step 3
         return loss * float("nan") if os.environ["RANK"] == "1" and self.state.global_step >= 2 else loss
 
 
-training._trainer_class = lambda: Poisoned
+training.trainer_class = lambda: Poisoned
 sys.exit(run(sys.argv[1:]))
 """
 
@@ -164,7 +164,7 @@ def test_run_all_trains_each_stage_through_the_launcher(tiny_model, tmp_path, mo
             for k in launched_env:
                 monkeypatch.delenv(k, raising=False)  # the launched command consumes the stage fingerprint
 
-    monkeypatch.setattr("medpeft.distributed.launch", one_process_launch)
+    monkeypatch.setattr("medpeft.pipeline.launch", one_process_launch)
     argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "8",
             "--max_new_tokens", "4", "--batch_size", "4", "--methods", "qlora,adapter", "--num_gpus", "2"]
     assert run(argv, prog="run_all.py", command="run") == 0

@@ -230,10 +230,10 @@ def test_trainer_counts_flops_as_transformers_does(tiny_model, tmp_path):
     """medpeft's Trainer keeps the parameter count instead of recounting it at every micro-batch."""
     from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    from medpeft.training import _trainer_class
+    from medpeft.training.trainer import trainer_class
 
     model = AutoModelForCausalLM.from_pretrained(tiny_model)
-    trainer = _trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
+    trainer = trainer_class()(model=model, args=TrainingArguments(output_dir=str(tmp_path), use_cpu=True,
                                                                    report_to=[]))
     per_token = 6 * model.num_parameters(exclude_embeddings=True)
     for shape in ((3, 7), (1, 50), (8, 1)):

@@ -58,11 +58,11 @@ def test_hub_reachability_is_decided_quickly(monkeypatch):
 
 
 def test_demo_run_config_parses():
-    from medpeft.pipeline import DEMO_CONFIG, RunConfig
+    from medpeft.pipeline import DEMO_CONFIG, plan
 
     data = config.load_yaml(str(DEMO_CONFIG))
-    (cfg,) = config.parse(["--config", str(DEMO_CONFIG)], "test", "", [RunConfig], nested=methods.NAMES)
-    assert cfg.model_name == "smollm2-135m" and Path(cfg.input_data).is_file()
+    steps = plan(["--config", str(DEMO_CONFIG)])
+    assert steps.prepare.model_name == "smollm2-135m" and Path(steps.run.input_data).is_file()
     assert DEMO_CONFIG.read_text().startswith("# python run_all.py")
     for name in methods.NAMES:  # every per-method setting is a real field
         module = methods.get(name)

@@ -6,7 +6,7 @@ import torch
 from medpeft.data import load_split
 from medpeft.tokens import PadCollator, answer_examples
 from medpeft.errors import UsageError
-from medpeft.packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
+from medpeft.training.packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
 
 
 def test_pack_batches_uses_every_example_once_within_the_budget():

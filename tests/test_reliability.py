@@ -54,7 +54,9 @@ def test_a_crashed_run_resumes_to_the_same_weights(name, tiny_model, processed, 
     """Crash after step 9 (epoch 2), resume from the step-8 checkpoint: the same final weights, bit for bit."""
     from transformers import TrainerCallback
 
-    from medpeft import training
+    from medpeft.training import checkpoints as ckpt
+    from medpeft.training import trainer
+    from medpeft.training import run as training_run
 
     assert run(train_argv(name, tiny_model, processed, tmp_path / "whole")) == 0
 
@@ -63,20 +65,20 @@ def test_a_crashed_run_resumes_to_the_same_weights(name, tiny_model, processed, 
             if state.global_step == 9:
                 raise RuntimeError("simulated crash")
 
-    original = training._trainer_class()
+    original = trainer.trainer_class()
 
     class Crashing(original):
         def __init__(self, *a, callbacks=(), **k):
             super().__init__(*a, callbacks=[*callbacks, Crash()], **k)
 
-    monkeypatch.setattr(training, "_trainer_class", lambda: Crashing)
+    monkeypatch.setattr(training_run, "trainer_class", lambda: Crashing)
     out = tmp_path / "resumed"
     with pytest.raises(RuntimeError, match="simulated crash"):
         run(train_argv(name, tiny_model, processed, out))
-    checkpoints = training.checkpoint_dir(out)
-    assert [p.name for p in training.complete_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-8"]
+    checkpoints = ckpt.checkpoint_dir(out)
+    assert [p.name for p in ckpt.complete_checkpoints(checkpoints)] == ["checkpoint-4", "checkpoint-8"]
     assert not out.exists()  # nothing half-written in place
-    monkeypatch.setattr(training, "_trainer_class", lambda: original)
+    monkeypatch.setattr(training_run, "trainer_class", lambda: original)
 
     assert run(train_argv(name, tiny_model, processed, out, "--resume_from_checkpoint", "auto")) == 0
     metrics = json.loads((out / "metrics.json").read_text())
@@ -125,23 +127,25 @@ def test_resume_refuses_a_checkpoint_of_other_settings(tiny_model, processed, tm
 
 def test_a_diverging_loss_stops_naming_the_step_and_keeps_the_last_good_checkpoint(tiny_model, processed, tmp_path,
                                                                                    monkeypatch, capsys):
-    from medpeft import training
+    from medpeft.training import checkpoints as ckpt
+    from medpeft.training import trainer
+    from medpeft.training import run as training_run
 
-    original = training._trainer_class()
+    original = trainer.trainer_class()
 
     class Poisoned(original):  # the loss turns NaN at step 6, as after an exploding update
         def compute_loss(self, model, inputs, *a, **k):
             loss = super().compute_loss(model, inputs, *a, **k)
             return loss * float("nan") if self.state.global_step >= 5 else loss
 
-    monkeypatch.setattr(training, "_trainer_class", lambda: Poisoned)
+    monkeypatch.setattr(training_run, "trainer_class", lambda: Poisoned)
     out = tmp_path / "m"
     code = run(train_argv("lora", tiny_model, processed, out))
     err = error_line(capsys.readouterr().err)
     assert code == 1
     assert "training stopped at step 6: the loss is nan" in err and "--learning_rate 0.005" in err
     assert "the last good checkpoint is" in err and "checkpoint-4 (step 4)" in err
-    good = load_file(str(training.checkpoint_dir(out) / "checkpoint-4" / training.TRAINABLE_FILE))
+    good = load_file(str(ckpt.checkpoint_dir(out) / "checkpoint-4" / ckpt.TRAINABLE_FILE))
     assert all(torch.isfinite(t).all() for t in good.values())
     assert not out.exists()
     assert gc.isenabled()  # the collector is back after a run that stopped
@@ -151,10 +155,11 @@ def test_no_automatic_garbage_collection_lands_inside_training(tiny_model, proce
     """Python's full collections pause a real 7B process for 0.25 s or more, at steps of their own choosing (and
     under data parallel every process waits for the one collecting): while training the collector is off, young
     objects are collected every GC_EVERY steps, everything at checkpoints, and the collector is on again after."""
-    from medpeft import training
+    from medpeft.training import trainer
+    from medpeft.training import run as training_run
 
-    monkeypatch.setattr(training, "GC_EVERY", 3)
-    original = training._trainer_class()
+    monkeypatch.setattr(trainer, "GC_EVERY", 3)
+    original = trainer.trainer_class()
     steps, collections = [], []
 
     class Watch(original):
@@ -166,7 +171,7 @@ def test_no_automatic_garbage_collection_lands_inside_training(tiny_model, proce
         if phase == "start" and steps and not gc.isenabled():
             collections.append((len(steps), info["generation"]))
 
-    monkeypatch.setattr(training, "_trainer_class", lambda: Watch)
+    monkeypatch.setattr(training_run, "trainer_class", lambda: Watch)
     gc.callbacks.append(record)
     try:
         assert run(train_argv("lora", tiny_model, processed, tmp_path / "a")) == 0
@@ -179,9 +184,10 @@ def test_no_automatic_garbage_collection_lands_inside_training(tiny_model, proce
 
 
 def test_out_of_memory_gives_advice_or_halves_the_batch(tiny_model, processed, tmp_path, monkeypatch, capsys):
-    from medpeft import training
+    from medpeft.training import trainer
+    from medpeft.training import run as training_run
 
-    original = training._trainer_class()
+    original = trainer.trainer_class()
 
     class Small(original):  # a device on which more than 8 examples per micro-batch do not fit
         def training_step(self, model, inputs, *a, **k):
@@ -189,7 +195,7 @@ def test_out_of_memory_gives_advice_or_halves_the_batch(tiny_model, processed, t
                 raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
             return super().training_step(model, inputs, *a, **k)
 
-    monkeypatch.setattr(training, "_trainer_class", lambda: Small)
+    monkeypatch.setattr(training_run, "trainer_class", lambda: Small)
     code = run(train_argv("lora", tiny_model, processed, tmp_path / "a"))
     err = error_line(capsys.readouterr().err)
     assert code == 1
@@ -221,9 +227,11 @@ def test_disk_full_while_saving_leaves_no_output(tiny_model, processed, tmp_path
 
 def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(tiny_model, processed, tmp_path,
                                                                           monkeypatch, capsys):
-    from medpeft import training
+    from medpeft.training import checkpoints as ckpt
+    from medpeft.training import trainer
+    from medpeft.training import run as training_run
 
-    original = training._trainer_class()
+    original = trainer.trainer_class()
 
     class FillsUp(original):  # the disk fills up in the middle of the step-8 checkpoint
         def _save_optimizer_and_scheduler(self, output_dir):
@@ -231,11 +239,11 @@ def test_disk_full_while_checkpointing_keeps_the_last_complete_checkpoint(tiny_m
                 raise OSError(errno.ENOSPC, "No space left on device")
             return super()._save_optimizer_and_scheduler(output_dir)
 
-    monkeypatch.setattr(training, "_trainer_class", lambda: FillsUp)
+    monkeypatch.setattr(training_run, "trainer_class", lambda: FillsUp)
     out = tmp_path / "m"
     code = run(train_argv("lora", tiny_model, processed, out))
     err = error_line(capsys.readouterr().err)
     assert code == 1 and "disk full while saving a checkpoint" in err and "--resume_from_checkpoint auto" in err
-    root = training.checkpoint_dir(out)
+    root = ckpt.checkpoint_dir(out)
     assert sorted(p.name for p in root.glob("checkpoint-*")) == ["checkpoint-4"]  # the partial one is gone
-    assert (root / "checkpoint-4" / training.CHECKPOINT_COMPLETE).is_file() and not out.exists()
+    assert (root / "checkpoint-4" / ckpt.CHECKPOINT_COMPLETE).is_file() and not out.exists()

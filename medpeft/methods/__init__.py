@@ -1,38 +1,39 @@
-"""The three methods, each a module of the same shape:
-
-    NAME, HELP                      what it is
-    DEFAULTS                        training settings that differ from TrainConfig's defaults
-    GRADIENT_CHECKPOINTING          whether the method works with activation recomputation
-    pack(model) -> (slots, undo)    optional, for packed rows (medpeft/packing.py): slots at the start of each
-                                    row that every example sees as its own prefix, for the method to fill, and
-                                    what undoes its packed forward
-    LIGER, LIGER_FUSED_CE           whether Liger kernels, and its fused linear cross-entropy, are used by default
-                                    on the GPU (medpeft/speedups.py)
-    COMPILE                         whether --compile auto compiles its decoder layers on the GPU (measured faster):
-                                    True, False, or "packed" (on packed rows only)
-    FSDP                            whether --fsdp may shard it over several GPUs (medpeft/distributed.py)
-    WEIGHTS_FILE                    the file save() writes the trained weights to
-    Options                         dataclass of the method's own flags, with validate()
-    prepare(ctx, opts) -> model     base model (from ctx.load_base) with the method attached, only it trainable
-    disabled(model)                 context manager: the bare base model's behaviour
-    save(model, out_dir, ctx)       the method's weights in the library's own format (FSDP methods also take
-                                    state_dict=, the trainable weights gathered from the shards)
-    load(base_model, out_dir, opts) -> model   the inverse of save, for evaluation and generation
-"""
+"""The three methods. Each is a module that satisfies `Method` (medpeft/methods/base.py): the same names, the
+same signatures, its capabilities in one `Capabilities` value. Adding a method is one module, one entry in NAMES
+and one row in the test matrix (tests/test_methods.py)."""
 
 from importlib import import_module
 
+from ..distributed import local_rank
 from ..errors import UsageError
+from .base import Capabilities, Method, no_packing
 
 NAMES = ("qlora", "adapter", "ptuning")
 
+__all__ = ["NAMES", "Capabilities", "Method", "get", "no_packing", "training_rules"]
 
-def get(name: str):
+
+def get(name: str) -> Method:
     if name not in NAMES:
         raise UsageError(f"unknown method '{name}'; known methods: {', '.join(NAMES)}")
-    try:
-        return import_module(f"{__name__}.{name}")
-    except ModuleNotFoundError as exc:
-        if exc.name != f"{__name__}.{name}":
-            raise
-        raise UsageError(f"method '{name}' is not implemented yet") from exc
+    return import_module(f"{__name__}.{name}")
+
+
+def training_rules(method: Method):
+    """The rules between training settings and `method` (config.settle's `rules`), checked before any model loads."""
+
+    def check(cfg, opts) -> list[str]:
+        problems = []
+        if cfg.fsdp and not method.CAPABILITIES.fsdp:
+            problems.append(f"--fsdp shards LoRA training (method qlora); {method.NAME} trains on several GPUs "
+                            "data-parallel: drop --fsdp and keep --num_gpus")
+        if cfg.fsdp and cfg.compile == "on":
+            problems.append("--compile on cannot run with --fsdp (FSDP gathers each layer's shards around its call); "
+                            "use --compile auto, which leaves sharded layers uncompiled")
+        if cfg.fsdp and cfg.num_gpus < 2 and local_rank() is None:
+            problems.append("--fsdp splits the base over several GPUs: add --num_gpus N (N >= 2)")
+        if cfg.fsdp and cfg.optim == "paged_adamw_8bit":  # peft's FSDP notes: bitsandbytes' optimizers fail there
+            problems.append("--optim paged_adamw_8bit does not work with --fsdp; use --optim auto")
+        return problems + method.check(cfg, opts)
+
+    return check

@@ -17,15 +17,13 @@ from pathlib import Path
 
 from ..config import opt
 from ..errors import UsageError
+from .base import Capabilities, no_packing, no_rules
 
 NAME = "adapter"
 HELP = "Adapter Tuning: bottleneck adapters in every decoder layer of a frozen base"
 DEFAULTS = {"learning_rate": 1e-4, "output_dir": "models/adapter"}
-GRADIENT_CHECKPOINTING = True
-COMPILE = True  # --compile auto: compiled decoder layers on the GPU (docs/performance.md)
-FSDP = False  # AdapterHub layers are not wrapped for FSDP here; data parallel only
-LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
-LIGER_FUSED_CE = True  # no logits tensor for the whole micro-batch
+# compiled layers measured faster on the GPU (docs/performance.md); AdapterHub layers are not wrapped for FSDP here
+CAPABILITIES = Capabilities(gradient_checkpointing=True, compile="always", fsdp=False, liger=True, liger_fused_ce=True)
 WEIGHTS_FILE = "adapter.safetensors"  # what save() writes the trained weights to
 ADAPTER = "medical"
 TYPES = ("pfeiffer", "houlsby", "parallel")
@@ -110,12 +108,16 @@ def disabled(model):
         model.set_active_adapters(active)
 
 
-def save(model, out_dir: Path, ctx=None) -> None:
+check = no_rules
+pack = no_packing
+
+
+def save(model, out_dir: Path, ctx, state_dict: dict | None = None) -> None:
     # with_head=False: AdapterHub would otherwise also save the frozen LM head (113 MB for SmolLM2-135M)
     model.save_adapter(str(out_dir), ADAPTER, with_head=False, use_safetensors=True)
 
 
-def load(base_model, out_dir: Path, opts: Options | None = None):
+def load(base_model, out_dir: Path, opts: Options):
     import adapters
 
     adapters.init(base_model)

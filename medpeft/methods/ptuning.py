@@ -15,19 +15,16 @@ from typing import Optional
 import torch
 
 from ..config import opt
+from .base import Capabilities, no_rules
 
 NAME = "ptuning"
 HELP = "P-Tuning: trainable virtual-token prompt encoder in front of a frozen base"
 DEFAULTS = {"learning_rate": 5e-5, "output_dir": "models/ptuning"}
-GRADIENT_CHECKPOINTING = False
-# --compile auto on packed rows only: on an H200 compiled layers took packed P-Tuning from 16,717 to 17,744 tok/s,
-# and padded batches, whose shape changes every step, from 8,478 down to 5,326
-COMPILE = "packed"
-FSDP = False
-LIGER = True
-# Liger's fused linear cross-entropy slowed padded P-Tuning down 5x on an H200 (Mistral-7B shapes: 0.83 s a step with
-# it, 0.16 s with Liger's other kernels alone; not tried on packed rows); the logits are materialised instead.
-LIGER_FUSED_CE = False
+# No recomputation: the virtual tokens enter as input embeddings, which recomputed blocks would not train. Compiled
+# layers pay on packed rows only, whose shapes repeat; Liger's fused cross-entropy slowed padded P-Tuning down
+# (both measured on an H200: docs/performance.md), so the logits are materialised.
+CAPABILITIES = Capabilities(gradient_checkpointing=False, compile="packed", fsdp=False, liger=True,
+                            liger_fused_ce=False)
 WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
 
 
@@ -133,7 +130,10 @@ def disabled(model):
     return model.disable_adapter()
 
 
-def save(model, out_dir: Path, ctx=None) -> None:
+check = no_rules
+
+
+def save(model, out_dir: Path, ctx, state_dict: dict | None = None) -> None:
     from ..modeling import autocast
 
     # peft saves the encoder's output as the virtual tokens: computed as training computed it (bf16 autocast on a
@@ -142,7 +142,7 @@ def save(model, out_dir: Path, ctx=None) -> None:
         model.save_pretrained(out_dir)
 
 
-def load(base_model, out_dir: Path, opts: Options | None = None):
+def load(base_model, out_dir: Path, opts: Options):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base_model, str(out_dir))

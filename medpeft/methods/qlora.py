@@ -1,4 +1,4 @@
-"""QLoRA: LoRA on every linear layer of a 4-bit NF4 base (double quantization, bf16 compute).
+"""QLoRA: LoRA on every linear layer of a 4-bit NF4 base (double quantization), or of a 16-bit one (LoRA).
 
 Initialisation: default (Kaiming A, zero B), gaussian, or SVD-based: pissa (computed on a 16-bit copy of
 the base, whose residual is then re-quantized), loftq (fits A, B to the 4-bit quantization error), olora.
@@ -16,17 +16,16 @@ import torch
 
 from ..config import opt
 from ..errors import UsageError
+from .base import Capabilities, no_packing
 
 NAME = "qlora"
 HELP = "QLoRA: low-rank adapters on all linear layers of a 4-bit quantized base"
 DEFAULTS = {"learning_rate": 2e-4, "load_in_4bit": True, "output_dir": "models/qlora"}
-GRADIENT_CHECKPOINTING = True
-COMPILE = True  # --compile auto: 7,624 -> 8,815 tok/s QLoRA on an H200 (docs/performance.md)
-FSDP = True  # --fsdp: the 4-bit base and the LoRA weights shard over the GPUs
-LIGER = True  # Liger kernels on the GPU (benchmarks/gpu_throughput.py)
-LIGER_FUSED_CE = True  # no logits tensor for the whole micro-batch
+# compiled layers measured faster on the GPU (docs/performance.md); --fsdp shards the 4-bit base and LoRA's weights
+CAPABILITIES = Capabilities(gradient_checkpointing=True, compile="always", fsdp=True, liger=True, liger_fused_ce=True)
 WEIGHTS_FILE = "adapter_model.safetensors"  # what save() writes the trained weights to
 SVD_INITS = ("pissa", "olora")
+INITIAL_ADAPTER = "initial_adapter"  # in the run's scratch folder: the SVD init, to convert the trained adapter
 
 
 @dataclass
@@ -65,27 +64,46 @@ def _lora_config(opts: Options):
 def prepare(ctx, opts: Options):
     from peft import PeftModel, get_peft_model
 
-    ctx.initial_adapter = None
+    initial = ctx.work_dir / INITIAL_ADAPTER
     if opts.init_lora_weights == "pissa" and ctx.cfg.load_in_4bit:
         # PiSSA needs the exact 16-bit weights: decompose there, then quantize the residual.
         full = ctx.load_base(load_in_4bit=False, prepare_for_training=False)
         peft_model = get_peft_model(full, _lora_config(opts))
-        ctx.initial_adapter = _save_initial(peft_model, ctx.work_dir / "initial_adapter")
+        _save_initial(peft_model, initial)
         residual = ctx.work_dir / "residual_base"
         peft_model.unload().save_pretrained(residual, safe_serialization=True)
         del full, peft_model
         model = ctx.load_base(path=str(residual))
-        return PeftModel.from_pretrained(model, ctx.initial_adapter, is_trainable=True)
+        return PeftModel.from_pretrained(model, initial, is_trainable=True)
     model = ctx.load_base()
     peft_model = get_peft_model(model, _lora_config(opts))
     if opts.init_lora_weights == "loftq":
-        if not ctx.cfg.load_in_4bit:
-            raise UsageError("--init_lora_weights loftq fits LoRA to the 4-bit quantization error: "
-                             "it needs --load_in_4bit")
-        loftq_initialise(peft_model, ctx.safetensors_files())
+        loftq_initialise(peft_model, safetensors_files(ctx.resolved_model))
     if opts.init_lora_weights in SVD_INITS:
-        ctx.initial_adapter = _save_initial(peft_model, ctx.work_dir / "initial_adapter")
+        _save_initial(peft_model, initial)
     return peft_model
+
+
+def check(cfg, opts: Options) -> list[str]:
+    if opts.init_lora_weights == "loftq" and not cfg.load_in_4bit:
+        return ["--init_lora_weights loftq fits LoRA to the 4-bit quantization error: it needs --load_in_4bit"]
+    return []
+
+
+pack = no_packing
+
+
+def safetensors_files(resolved_model: str) -> list[Path]:
+    """The base model's original weights (for LoftQ), from its directory or the hub cache."""
+    root = Path(resolved_model)
+    if not root.is_dir():
+        from huggingface_hub import snapshot_download
+
+        root = Path(snapshot_download(resolved_model, allow_patterns=["*.safetensors", "*.json"]))
+    files = sorted(root.glob("*.safetensors"))
+    if not files:
+        raise UsageError(f"LoftQ needs the base model's .safetensors weights; none found in {root}")
+    return files
 
 
 @torch.no_grad()
@@ -130,16 +148,16 @@ def disabled(model):
 
 
 def save(model, out_dir: Path, ctx, state_dict: dict | None = None) -> None:
-    initial = getattr(ctx, "initial_adapter", None)
+    initial = ctx.work_dir / INITIAL_ADAPTER  # written by prepare for the inits that change the base
     gathered = {"state_dict": state_dict} if state_dict is not None else {}
-    if initial is not None:
+    if initial.is_dir():
         model.save_pretrained(out_dir, path_initial_model_for_weight_conversion=str(initial), **gathered)
     else:
         model.save_pretrained(out_dir, **gathered)
-    shutil.rmtree(out_dir / "initial_adapter", ignore_errors=True)
+    shutil.rmtree(out_dir / INITIAL_ADAPTER, ignore_errors=True)
 
 
-def load(base_model, out_dir: Path, opts: Options | None = None):
+def load(base_model, out_dir: Path, opts: Options):
     from peft import PeftModel
 
     return PeftModel.from_pretrained(base_model, str(out_dir))

@@ -1,26 +1,18 @@
 """The one training path every method shares: data -> base model -> method -> Trainer -> output directory.
 
-Output directory (written to a temporary folder, renamed into place when complete):
-    <method files>            adapter_model.safetensors + adapter_config.json (peft), or the AdapterHub format
-    tokenizer files           the tokenizer used, with its fixed special tokens
-    medpeft_config.json       method, every resolved setting, resolved base model, data summary
-    metrics.json              loss curve, base/final validation loss, runtime, tokens/s, memory, parameters
-    README.md                 model card
-    logs/                     TensorBoard event files (loss, learning rate, grad norm, validation loss)
+    run = build("qlora", TrainConfig(...), qlora.Options(...))   # data, base model, method attached
+    metrics = run.fit()                                          # the base's validation loss, training, the tuned one
+    run.save(metrics)                                            # the output folder (medpeft/outputs.py)
+    run.cleanup()
+    train(...) does all four; the rest of this package: trainer.py (the Trainer and its callbacks), checkpoints.py,
+    measure.py (memory, speed), packing.py and speedups.py (the GPU path).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import errno
-import functools
-import gc
-import importlib.util
-import json
 import os
 import random
-import resource
 import shutil
 import tempfile
 import time
@@ -29,21 +21,26 @@ from pathlib import Path
 
 import torch
 
-from . import methods
-from .config import as_dict
-from .data import load_split
-from .distributed import is_main_process, process_count, sharded, sum_over_processes
-from .errors import TrainingStopped, UsageError
-from .scoring import answer_loss
-from .export import hub_token, push_to_hub
-from .modeling import (default_device, load_model, load_tokenizer, model_compute_dtype,
-                       pin_4bit_layout, prepare_kbit, resolve_model)
-from .outputs import (CONFIG_FILE, base_signature, check_output_dir, library_versions, publish_dir, write_json,
-                      write_output_files)
+from .. import methods
+from ..config import as_dict
+from ..data import load_split, read_metadata
+from ..distributed import is_main_process, process_count, sharded, sum_over_processes
+from ..errors import TrainingStopped, UsageError
+from ..export import hub_token, push_to_hub
+from ..modeling import (default_device, load_model, load_tokenizer, model_compute_dtype, pin_4bit_layout,
+                        prepare_kbit, resolve_model)
+from ..outputs import (CONFIG_FILE, base_signature, check_output_dir, library_versions, publish_dir, write_json,
+                       write_output_files)
+from ..precision import explain, resolve
+from ..scoring import answer_loss
+from ..tokens import PadCollator, answer_examples
+from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoints, disk_full,
+                          drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
+from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
-from .precision import explain, resolve
-from .tokens import PadCollator, answer_examples
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
+from .trainer import (close_loggers, finite_loss_callback, gc_callback, optimizer, out_of_memory, progress_callback,
+                      reporters, scheduled_gc, trainer_class)
 
 
 @dataclass
@@ -55,7 +52,6 @@ class RunContext:
     device: str
     work_dir: Path
     gradient_checkpointing: bool
-    initial_adapter: Path | None = None
 
     def load_base(self, load_in_4bit: bool | None = None, path: str | None = None, prepare_for_training=True):
         load_in_4bit = self.cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
@@ -74,68 +70,6 @@ class RunContext:
                 model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         return model
 
-    def safetensors_files(self) -> list[Path]:
-        """The base model's original weights (for LoftQ), from its directory or the hub cache."""
-        root = Path(self.resolved_model)
-        if not root.is_dir():
-            from huggingface_hub import snapshot_download
-
-            root = Path(snapshot_download(self.resolved_model, allow_patterns=["*.safetensors", "*.json"]))
-        files = sorted(root.glob("*.safetensors"))
-        if not files:
-            raise UsageError(f"LoftQ needs the base model's .safetensors weights; none found in {root}")
-        return files
-
-
-def count_parameters(model) -> tuple[int, int]:
-    trainable = total = 0
-    for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":  # two 4-bit values per stored byte
-            n *= 2 * getattr(p, "quant_storage", torch.uint8).itemsize
-        total += n
-        if p.requires_grad:
-            trainable += n
-    return trainable, total
-
-
-class RssSampler:
-    """The largest resident set size seen while a run lasts (the process-wide maximum would carry over from
-    earlier runs in the same process, as in run_all)."""
-
-    def __init__(self, every_s: float = 0.2):
-        import threading
-
-        self.peak, self._stop = self._rss(), threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(every_s,), daemon=True)
-        self._thread.start()
-
-    @staticmethod
-    def _rss() -> int:
-        try:
-            with open("/proc/self/statm") as fh:
-                return int(fh.read().split()[1]) * resource.getpagesize()
-        except (OSError, ValueError, IndexError):
-            return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-    def _loop(self, every_s):
-        while not self._stop.wait(every_s):
-            self.peak = max(self.peak, self._rss())
-
-    def stop(self) -> int:
-        self._stop.set()
-        self._thread.join()
-        return max(self.peak, self._rss())
-
-
-def peak_memory_gb(device: str, sampler: RssSampler | None = None) -> dict:
-    if device == "cuda":
-        return {"peak_memory_gb": round(torch.cuda.max_memory_allocated() / 2**30, 3), "memory_kind": "cuda_allocated"}
-    if sampler is not None:
-        return {"peak_memory_gb": round(sampler.stop() / 2**30, 3), "memory_kind": "cpu_peak_rss_during_run"}
-    return {"peak_memory_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
-            "memory_kind": "cpu_peak_rss_process"}
-
 
 def _eval_subset(examples, n, seed):
     if n < 0 or n >= len(examples):
@@ -144,350 +78,8 @@ def _eval_subset(examples, n, seed):
     return [examples[i] for i in idx]
 
 
-class _StepTimer:
-    """Step end times and tokens seen, for the steady-state speed (the first steps pay for warm-up and kernel
-    compilation). Tokens are counted at collation, one batch ahead of the step: the offset cancels out.
-    On CUDA a step's end is an event on the GPU's stream: timing never makes the CPU wait for the GPU."""
-
-    def __init__(self, collator, device):
-        from transformers import TrainerCallback
-
-        self.collator, self.device, self.marks = collator, device, []
-        timer = self
-
-        class Callback(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                if timer.device == "cuda":
-                    end = torch.cuda.Event(enable_timing=True)
-                    end.record()
-                else:
-                    end = time.perf_counter()
-                timer.marks.append((end, timer.collator.real_tokens, timer.collator.padded_tokens))
-
-        self.callback = Callback()
-
-    def steady(self) -> dict:
-        if len(self.marks) < 4:
-            return {}
-        first = min(3, len(self.marks) // 4)
-        (t0, r0, p0), (t1, r1, p1) = self.marks[first], self.marks[-1]
-        if self.device == "cuda":
-            t1.synchronize()  # every earlier event has completed too
-
-            def elapsed(a, b):
-                return a.elapsed_time(b) / 1000
-        else:
-            def elapsed(a, b):
-                return b - a
-        seconds = elapsed(t0, t1)
-        real, padded = sum_over_processes([r1 - r0, p1 - p0])
-        ends = [m[0] for m in self.marks[:101]]  # the first 100 steps' times show the warm-up
-        steps = [elapsed(a, b) for a, b in zip(ends, ends[1:])]
-        return {"steady_tokens_per_s": round(real / seconds, 1),
-                "steady_padded_tokens_per_s": round(padded / seconds, 1),
-                "steady_step_s": round(seconds / (len(self.marks) - 1 - first), 4),
-                "steady_steps": len(self.marks) - 1 - first, "step_seconds_first_100": [round(x, 4) for x in steps]}
-
-
-def _progress_callback(collator):
-    """Trainer's progress bar, with each log written as one readable line instead of a dict."""
-    from transformers.trainer_callback import ProgressCallback
-
-    start = []
-
-    class Progress(ProgressCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            start.append(time.perf_counter())
-            return super().on_train_begin(args, state, control, **kwargs)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not (state.is_world_process_zero and self.training_bar is not None and "loss" in (logs or {})):
-                return
-            parts = [f"step {state.global_step}/{state.max_steps}", f"epoch {state.epoch or 0:.2f}",
-                     f"loss {logs['loss']:.4f}"]
-            if logs.get("learning_rate") is not None:
-                parts.append(f"lr {logs['learning_rate']:.2e}")
-            if logs.get("grad_norm") is not None:
-                parts.append(f"grad norm {logs['grad_norm']:.3f}")
-            if start:
-                parts.append(f"{collator.real_tokens / max(time.perf_counter() - start[0], 1e-9):,.0f} tokens/s")
-            self.training_bar.write(" | ".join(parts))
-
-    return Progress()
-
-
-def reporters(report_to: str) -> list[str]:
-    """TrainingArguments.report_to from --report_to, refusing a logger that is not installed."""
-    names = [r.strip() for r in report_to.split(",") if r.strip() and r.strip() != "none"]
-    for name, module, package in (("tensorboard", "tensorboard", "tensorboard"), ("wandb", "wandb", "wandb")):
-        if name in names and importlib.util.find_spec(module) is None:
-            raise UsageError(f"--report_to {name}: the {package} package is not installed; "
-                             f"pip install {package}, or pass --report_to none")
-    return names
-
-
-def _close_loggers(trainer) -> None:
-    for callback in trainer.callback_handler.callbacks:
-        writer = getattr(callback, "tb_writer", None)
-        if writer is not None:
-            writer.close()
-            callback.tb_writer = None
-
-
-CHECKPOINT_IDENTITY = "medpeft_checkpoint.json"
-CHECKPOINT_COMPLETE = "medpeft_complete"
-TRAINABLE_FILE = "trainable.safetensors"
-
-
-def optimizer(cfg, device: str) -> str:
-    if cfg.optim == "auto":
-        return "adamw_torch_fused" if device == "cuda" else "adamw_torch"
-    if cfg.optim == "paged_adamw_8bit" and sharded():  # peft's FSDP notes: bitsandbytes' optimizers fail there
-        raise UsageError("--optim paged_adamw_8bit does not work with --fsdp; use --optim auto")
-    return cfg.optim
-
-
 def token_budget(cfg) -> int:
     return cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
-
-
-def checkpoint_dir(output_dir) -> Path:
-    out = Path(output_dir)
-    return out.with_name(out.name + ".checkpoints")
-
-
-def _out_of_memory(exc: BaseException) -> bool:
-    from accelerate.utils.memory import should_reduce_batch_size
-
-    return isinstance(exc, torch.OutOfMemoryError) or should_reduce_batch_size(exc)
-
-
-def _disk_full(exc: BaseException, folder: Path | None = None) -> bool:
-    """ENOSPC however the writer reports it: OSError, safetensors' "os error 28", or torch.save's bare
-    "file write failed" when the target's disk has next to nothing left."""
-    while exc is not None:
-        text = str(exc)
-        if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            return True
-        if "No space left on device" in text or "os error 28" in text:
-            return True
-        if folder is not None and "write failed" in text:
-            try:
-                return shutil.disk_usage(folder).free < 64 * 2**20
-            except OSError:
-                return False
-        exc = exc.__cause__ or exc.__context__
-    return False
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """Checkpoint folders whose save finished (marker written after the Trainer's save returned), oldest first."""
-    found = [p for p in root.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()] if root.is_dir() else []
-    return sorted((p for p in found if (p / CHECKPOINT_COMPLETE).is_file()), key=lambda p: int(p.name.split("-")[-1]))
-
-
-def drop_incomplete_checkpoints(root: Path) -> list[Path]:
-    dropped = [p for p in root.glob("checkpoint-*") if not (p / CHECKPOINT_COMPLETE).is_file()] if root.is_dir() else []
-    for p in dropped:
-        shutil.rmtree(p, ignore_errors=True)
-    return dropped
-
-
-def find_checkpoint(cfg, identity: dict, log=print, discard_stale: bool = False) -> Path | None:
-    """The checkpoint --resume_from_checkpoint names ('auto': the newest complete one of this --output_dir),
-    refusing one made by a run with other settings or data (or, with `discard_stale`, deleting those)."""
-    if cfg.resume_from_checkpoint == "auto":
-        root = checkpoint_dir(cfg.output_dir)
-        if is_main_process():
-            drop_incomplete_checkpoints(root)
-        found = complete_checkpoints(root)
-        if not found:
-            return None
-        path = found[-1]
-    else:
-        path = Path(cfg.resume_from_checkpoint)
-        if not (path / CHECKPOINT_COMPLETE).is_file():
-            raise UsageError(f"--resume_from_checkpoint: '{path}' is not a complete medpeft checkpoint "
-                             f"(no {CHECKPOINT_COMPLETE}); pass 'auto' to take the newest complete one")
-        root = path.parent
-    saved_path = root / CHECKPOINT_IDENTITY
-    saved = json.loads(saved_path.read_text(encoding="utf-8")) if saved_path.is_file() else {}
-    differences = [f"{k} {saved.get('settings', {}).get(k)!r} vs {v!r}" for k, v in identity["settings"].items()
-                   if saved.get("settings", {}).get(k) != v]
-    for key in ("method", "train_examples"):
-        if saved.get(key) != identity[key]:
-            differences.insert(0, f"{key} {saved.get(key)!r} vs {identity[key]!r}")
-    if differences and discard_stale and cfg.resume_from_checkpoint == "auto":
-        log(f"checkpoints in {root} were made with other settings or data ({'; '.join(differences[:2])}): removed")
-        shutil.rmtree(root, ignore_errors=True)
-        return None
-    if differences:
-        raise UsageError(f"--resume_from_checkpoint: '{path}' was made by a run with other settings or data "
-                         f"({'; '.join(differences[:4])}); use the same settings, or delete {root} to start over")
-    return path
-
-
-def trainable_state(model) -> dict:
-    return {n: p.detach().to("cpu", copy=True).contiguous() for n, p in model.named_parameters() if p.requires_grad}
-
-
-def load_trainable(model, path: Path) -> None:
-    from safetensors.torch import load_file
-
-    saved = load_file(str(path))
-    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
-    if set(saved) != set(params):
-        missing, extra = sorted(set(params) - set(saved)), sorted(set(saved) - set(params))
-        raise UsageError(f"checkpoint '{path.parent}' does not fit this model (missing {missing[:3]}, "
-                         f"unexpected {extra[:3]}); delete it to start over")
-    with torch.no_grad():
-        for name, p in params.items():
-            p.copy_(saved[name].to(p.device, p.dtype))
-
-
-def _finite_loss_callback(trainer):
-    """Stops a run whose loss is no longer finite before it logs, evaluates or saves a checkpoint."""
-    from transformers import TrainerCallback
-
-    class FiniteLoss(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):  # after the Trainer's flow callback sets its flags
-            if control.should_log or control.should_save or control.should_evaluate or control.should_training_stop:
-                trainer.stop_if_not_finite()
-
-    return FiniteLoss()
-
-
-GC_EVERY = 50  # optimizer steps between collections of Python's young objects while training
-
-
-@contextlib.contextmanager
-def scheduled_gc():
-    """Python's automatic garbage collector off while training. Its full collections pause the process for 0.25 s
-    or more (half a million objects: modules, parameters, compiled graphs), at steps of their own choosing: a slow
-    step on one GPU, and under data parallel every process waits for the one collecting. Young objects are
-    collected every GC_EVERY steps instead and everything at checkpoints and evaluations, at the same step on
-    every process (as OLMo-core and torchtitan do)."""
-    enabled = gc.isenabled()
-    gc.collect()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
-
-
-def _gc_callback():
-    from transformers import TrainerCallback
-
-    class ScheduledGC(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if control.should_save or control.should_evaluate:
-                gc.collect()
-            elif state.global_step % GC_EVERY == 0:
-                gc.collect(1)
-
-    return ScheduledGC()
-
-
-def _mark_complete_callback():
-    from transformers import TrainerCallback
-
-    class MarkComplete(TrainerCallback):
-        def on_save(self, args, state, control, **kwargs):
-            if state.is_world_process_zero:
-                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-                if folder.is_dir():
-                    (folder / CHECKPOINT_COMPLETE).write_text("complete\n", encoding="utf-8")
-
-    return MarkComplete()
-
-
-def _seeded_length_sampler(sampler, seed: int):
-    """Trainer's length-grouped order drawn from (seed, epoch) instead of the global RNG, so that a run resumed
-    mid-epoch sees the same batches as one that was never interrupted."""
-    from transformers.trainer_pt_utils import get_length_grouped_indices
-
-    class Seeded(type(sampler)):
-        epoch = 0
-
-        def set_epoch(self, epoch):
-            self.epoch = epoch
-
-        def __iter__(self):
-            generator = torch.Generator().manual_seed(seed + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
-
-    sampler.__class__ = Seeded
-    return sampler
-
-
-@functools.lru_cache(maxsize=1)
-def _trainer_class():
-    from transformers import Trainer
-
-    class MedpeftTrainer(Trainer):
-        """Checkpoints hold the trainable weights only, in one format for every method (peft's own save keeps
-        P-Tuning's virtual tokens but not the encoder that makes them); a loss that is not finite stops the run before
-        its next log, evaluation or checkpoint, naming the step where it happened."""
-
-        _first_bad = None
-        _flops_per_token = None
-
-        def floating_point_ops(self, inputs):
-            # The Trainer's counts the model's parameters again at every micro-batch (~18 ms of Python for 32
-            # decoder layers with LoRA); the count is the same each time.
-            ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
-            if not isinstance(ids, torch.Tensor):
-                return super().floating_point_ops(inputs)
-            if self._flops_per_token is None:
-                self._flops_per_token = super().floating_point_ops({"input_ids": ids.reshape(-1)[:1]})
-            return self._flops_per_token * ids.numel()
-
-        def _get_train_sampler(self, train_dataset=None):
-            sampler = super()._get_train_sampler(train_dataset)
-            if self.args.group_by_length:  # its order must not depend on the RNG state, or a resume reorders data
-                return _seeded_length_sampler(sampler, self.args.seed)
-            return sampler
-
-        def _save(self, output_dir=None, state_dict=None):
-            from safetensors.torch import save_file
-
-            out = Path(output_dir or self.args.output_dir)
-            out.mkdir(parents=True, exist_ok=True)
-            save_file(trainable_state(self.model), str(out / TRAINABLE_FILE))
-
-        def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-            load_trainable(model or self.model, Path(resume_from_checkpoint) / TRAINABLE_FILE)
-
-        def training_step(self, model, inputs, num_items_in_batch=None):
-            loss = super().training_step(model, inputs, num_items_in_batch)
-            # Noted on the device and read when the Trainer syncs anyway (log, save, evaluation, end): reading it
-            # here would make the CPU wait for every backward pass, and the GPU then wait for the CPU.
-            loss_now = loss.detach().double().reshape(-1)[:1]
-            if self._first_bad is None:  # (step, loss) of the first non-finite loss; inf while there is none
-                self._first_bad = torch.full((2,), float("inf"), dtype=torch.float64, device=loss.device)
-            found = torch.cat([torch.full_like(loss_now, self.state.global_step + 1), loss_now])  # no host copy
-            self._first_bad = torch.where(~torch.isfinite(loss_now) & torch.isinf(self._first_bad[:1]), found,
-                                          self._first_bad)
-            return loss
-
-        def stop_if_not_finite(self):
-            if self._first_bad is None:
-                return
-            rows = self.accelerator.gather(self._first_bad[None]).reshape(-1, 2)  # every process stops alike
-            step, value = rows[int(rows[:, 0].argmin())].tolist()
-            if step == float("inf"):
-                return
-            good = complete_checkpoints(Path(self.args.output_dir))
-            kept = (f"the last good checkpoint is {good[-1]} (step {good[-1].name.split('-')[-1]})" if good
-                    else "no checkpoint was saved before it (see --save_steps)")
-            raise TrainingStopped(
-                f"training stopped at step {int(step)}: the loss is {value:g}. Likely causes: a learning rate "
-                f"too high (--learning_rate {self.args.learning_rate:g}; try a tenth), an example that is empty "
-                f"or corrupt, or overflow in 16-bit arithmetic (--dtype float32); {kept}")
-
-    return MedpeftTrainer
 
 
 @dataclass
@@ -531,7 +123,7 @@ class TrainingRun:
         unit = process_count() * cfg.gradient_accumulation_steps
         if packing:
             budget = token_budget(cfg)
-            slots, undo = self.method.pack(self.model) if hasattr(self.method, "pack") else (0, None)
+            slots, undo = self.method.pack(self.model)
             groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget - slots, cfg.seed)
             if unit > 1 and len(groups) > unit:
                 groups = groups[:len(groups) - len(groups) % unit]
@@ -548,19 +140,20 @@ class TrainingRun:
                 data = data[:len(data) - len(data) % step]
         # auto: one process only. Under data parallel, compiled QLoRA scaled worse than eager (1.61x vs 1.84x) and
         # a compiled adapter run failed on one of two GPUs (docs/performance.md); --compile on still opts in.
-        measured = self.method.COMPILE is True or (self.method.COMPILE == "packed" and packing)
+        can = self.method.CAPABILITIES
+        measured = can.compile == "always" or (can.compile == "packed" and packing)
         compiled = (cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda" and measured
                                             and process_count() == 1)) and not sharded()
-        liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda" and self.method.LIGER
+        liger = cfg.liger == "on" or (cfg.liger == "auto" and device == "cuda" and can.liger
                                        and liger_available())
-        if compiled and not self.method.LIGER_FUSED_CE:
+        if compiled and not can.liger_fused_ce:
             liger = False  # compiled layers fuse their norms and activations: nothing is left for Liger to do
-        if liger and not apply_liger(self.model, self.log, self.method.LIGER_FUSED_CE, layers=not compiled):
+        if liger and not apply_liger(self.model, self.log, can.liger_fused_ce, layers=not compiled):
             if cfg.liger == "on":
                 raise UsageError("--liger on: Liger kernels need a CUDA GPU and the liger-kernel package")
             liger = False
         speed["liger"] = liger and ("fused cross-entropy only" if compiled else
-                                    "all" if self.method.LIGER_FUSED_CE else "without fused cross-entropy")
+                                    "all" if can.liger_fused_ce else "without fused cross-entropy")
         if not packing and not liger:  # logits from the first answer token on; Liger's fused loss makes none
             peft_config = getattr(self.model, "active_peft_config", None)
             collator.answer_logits = peft_config.num_virtual_tokens if getattr(
@@ -598,8 +191,8 @@ class TrainingRun:
                 trainer, result, runtime, collator, speed, timer, sampler = self._train(base_val, resume)
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below: out of memory, disk full, or not ours
-                if not _out_of_memory(exc):
-                    if _disk_full(exc, checkpoint_dir(cfg.output_dir)):
+                if not out_of_memory(exc):
+                    if disk_full(exc, checkpoint_dir(cfg.output_dir)):
                         drop_incomplete_checkpoints(checkpoint_dir(cfg.output_dir))
                         raise TrainingStopped(
                             f"disk full while saving a checkpoint in {checkpoint_dir(cfg.output_dir)}: free space "
@@ -632,7 +225,7 @@ class TrainingRun:
             final_val = self.validation_loss("final validation")
         self.log(f"validation loss after training: {final_val['loss']:.4f} (base {base_val['loss']:.4f})")
         trainer.log({"eval_answer_loss": final_val["loss"]})
-        _close_loggers(trainer)
+        close_loggers(trainer)
 
         history = trainer.state.log_history
         real_tokens, padded_tokens = sum_over_processes([collator.real_tokens, collator.padded_tokens])
@@ -729,18 +322,18 @@ class TrainingRun:
         if quantized_non_peft:
             self.model.is_quantized = False
         try:
-            trainer = _trainer_class()(model=self.model, args=args, train_dataset=train_data,
+            trainer = trainer_class()(model=self.model, args=args, train_dataset=train_data,
                                        eval_dataset=self.val_examples if cfg.eval_steps else None,
                                        data_collator=collator,
-                                       callbacks=[(timer := _StepTimer(collator, device)).callback,
-                                                  _mark_complete_callback()])
+                                       callbacks=[(timer := StepTimer(collator, device)).callback,
+                                                  mark_complete_callback()])
         finally:
             if quantized_non_peft:
                 self.model.is_quantized = True
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(_finite_loss_callback(trainer))
-        trainer.add_callback(_progress_callback(collator))
-        trainer.add_callback(_gc_callback())
+        trainer.add_callback(finite_loss_callback(trainer))
+        trainer.add_callback(progress_callback(collator))
+        trainer.add_callback(gc_callback())
         if base_val is not None:
             trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
         if device == "cuda":
@@ -787,7 +380,7 @@ def load_examples(cfg, tokenizer) -> tuple[list, list, dict]:
     if not val_examples:
         raise UsageError(f"--data_path: '{cfg.data_path}' has an empty validation split; "
                          "re-run prepare_dataset with a smaller --train_size")
-    return train_examples, val_examples, json.loads((Path(cfg.data_path) / "metadata.json").read_text(encoding="utf-8"))
+    return train_examples, val_examples, read_metadata(cfg.data_path)
 
 
 def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
@@ -802,6 +395,10 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
         def log(*args, **kwargs):
             return None
     method = methods.get(method_name)
+    # the rules every command checks while parsing, again for callers of the library: before any model loads
+    problems = cfg.validate() + opts.validate() + methods.training_rules(method)(cfg, opts)
+    if problems:
+        raise UsageError("; ".join(problems))
     out = Path(cfg.output_dir)
     check_output_dir(out)
     reporters(cfg.report_to)  # a missing logger or token is found before the training, not after it
@@ -833,7 +430,7 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     work = Path(tempfile.mkdtemp(prefix=f".{out.name}.work-", dir=scratch))
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=scratch))
     ctx = RunContext(cfg=cfg, resolved_model=resolved, device=device, work_dir=work,
-                     gradient_checkpointing=cfg.gradient_checkpointing and method.GRADIENT_CHECKPOINTING)
+                     gradient_checkpointing=cfg.gradient_checkpointing and method.CAPABILITIES.gradient_checkpointing)
     try:
         model = pin_4bit_layout(method.prepare(ctx, opts))
     except BaseException:
@@ -856,7 +453,7 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
         try:
             out = run.save(metrics)
         except Exception as exc:  # noqa: BLE001 - only a full disk is turned into a message
-            if not _disk_full(exc, Path(cfg.output_dir).parent):
+            if not disk_full(exc, Path(cfg.output_dir).parent):
                 raise
             kept = complete_checkpoints(checkpoint_dir(cfg.output_dir))
             again = (f"run again with --resume_from_checkpoint auto (checkpoint {kept[-1].name} is kept)" if kept

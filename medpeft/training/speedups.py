@@ -9,6 +9,12 @@
 
 from __future__ import annotations
 
+import importlib.util
+
+import torch
+
+from ..distributed import sharded
+
 
 def _transformers_model(model):
     """The transformers model inside a peft wrapper (AdapterHub models are transformers models already)."""
@@ -17,18 +23,12 @@ def _transformers_model(model):
 
 
 def liger_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec("liger_kernel") is not None
 
 
 def apply_liger(model, log=print, fused_cross_entropy: bool = True, layers: bool = True) -> bool:
     """`layers` False: the fused linear cross-entropy only (compiled decoder layers fuse their norms and
     activations themselves)."""
-    import torch
-
-    from .distributed import sharded
-
     inner = _transformers_model(model)
     # under FSDP the base reaches the GPUs only when training shards it
     on_gpu = next(inner.parameters()).device.type == "cuda" or sharded()
@@ -71,7 +71,6 @@ def compile_layers(model, fallback: bool = False) -> int:
     the compiled region: the recomputation calls the compiled forward again. `fallback`: a layer that fails to
     compile runs eagerly, with a warning, instead of stopping the run (--compile auto, for architectures the
     compiler has not been tried on). Returns the number of layers."""
-    import torch
 
     layers = decoder_layers(model)
     if not layers:  # an architecture without transformers' checkpointing layers: nothing to compile
@@ -91,7 +90,7 @@ _suppressed: list[bool] = []  # dynamo's suppress_errors before compile_layers, 
 
 
 def uncompile_layers(model) -> None:
-    import torch
+
 
     for layer in decoder_layers(model):
         layer._compiled_call_impl = None
