@@ -572,17 +572,17 @@ def per_example_losses(model, examples, packed):
     import torch
 
     from medpeft.tokens import PadCollator
-    from medpeft.training.packing import PackedCollator, enable_varlen_attention, restore_attention
+    from medpeft.training.packing import PackedCollator, enable_varlen_attention
 
     model.eval()
     device = next(model.parameters()).device
     with torch.no_grad(), torch.autocast("cuda", dtype=torch.bfloat16):
         if packed:
-            previous = enable_varlen_attention(model)
+            restore_attention = enable_varlen_attention(model)
             batch = {k: (v.to(device) if hasattr(v, "to") else v) for k, v in PackedCollator()([examples]).items()}
             labels = batch.pop("labels")
             logits = model(**batch).logits.float()
-            restore_attention(model, previous)
+            restore_attention()
             losses, start = [], 0
             for e in examples:
                 n = len(e["input_ids"])

@@ -72,11 +72,11 @@ def test_a_layer_that_fails_to_compile_runs_eagerly_only_when_asked(tiny_model, 
     with torch.no_grad():
         eager = model(input_ids=ids).logits
         torch._dynamo.reset()
-        speedups.compile_layers(model, fallback=True)
+        _, uncompile = speedups.compile_layers(model, fallback=True)
         assert torch.equal(model(input_ids=ids).logits, eager)
-        speedups.uncompile_layers(model)  # also drops dynamo's compiled code
-        speedups.compile_layers(model, fallback=False)
+        uncompile()  # also drops dynamo's compiled code
+        _, uncompile = speedups.compile_layers(model, fallback=False)
         with pytest.raises(Exception, match="this compiler cannot build the layer"):
             model(input_ids=ids)
-        speedups.uncompile_layers(model)
+        uncompile()
     assert torch._dynamo.config.suppress_errors is False

@@ -6,7 +6,7 @@ import torch
 from medpeft.data import load_split
 from medpeft.tokens import PadCollator, answer_examples
 from medpeft.errors import UsageError
-from medpeft.training.packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
+from medpeft.training.packing import PackedCollator, enable_varlen_attention, pack_batches
 
 
 def test_pack_batches_uses_every_example_once_within_the_budget():
@@ -45,11 +45,11 @@ def test_packed_examples_score_as_they_do_alone(tiny_model, processed):
     examples = answer_examples(tokenizer, load_split(processed, "train"), 256)[:6]
     padded = PadCollator(tokenizer.pad_token_id)(examples)
     alone = _token_logprobs(model, padded)
-    previous = enable_varlen_attention(model)
+    restore_attention = enable_varlen_attention(model)
     try:
         packed = _token_logprobs(model, PackedCollator()([examples]))[0]
     finally:
-        restore_attention(model, previous)
+        restore_attention()
     start = 0
     for row, e in enumerate(examples):
         n = len(e["input_ids"])
@@ -125,13 +125,13 @@ def test_packed_ptuning_trains_each_example_as_peft_does_alone(tiny_model, proce
     expected = encoder_grads(alone)
 
     slots, undo = ptuning.pack(model)
-    previous = enable_varlen_attention(model)
+    restore_attention = enable_varlen_attention(model)
     try:
         assert slots == 4
         packed = model(**PackedCollator(slots)([examples])).loss
         got = encoder_grads(packed)
     finally:
-        restore_attention(model, previous)
+        restore_attention()
         undo()
     torch.testing.assert_close(packed, alone, atol=1e-5, rtol=1e-5)
     for g, e in zip(got, expected):
@@ -139,12 +139,12 @@ def test_packed_ptuning_trains_each_example_as_peft_does_alone(tiny_model, proce
     assert "forward" not in vars(model)  # peft's own forward again, for evaluation and generation
     # The virtual tokens matter to that loss: with the slots left as token 0 it differs (the check can fail).
     # (Without the examples' keys reaching the prefix, the first check fails too.)
-    previous = enable_varlen_attention(model)
+    restore_attention = enable_varlen_attention(model)
     try:
         with torch.no_grad():
             unfilled = model.base_model(**PackedCollator(slots)([examples])).loss
     finally:
-        restore_attention(model, previous)
+        restore_attention()
     assert abs(float(unfilled) - float(alone.detach())) > 1e-3
 
 

@@ -85,8 +85,20 @@ def test_a_run_computes_in_the_dtype_the_cpu_runs_natively(cpu_kind, row, tiny_m
             assert layer.compute_dtype == expected
         else:  # the frozen base's weights; the method's own stay float32
             assert run.model.model.layers[0].self_attn.q_proj.weight.dtype == expected
-        run.fit()
-        assert os.environ["ACCELERATE_MIXED_PRECISION"] == ("bf16" if cpu_kind == "bf16" else "no")
+        before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+        seen = []
+        original = run._run_trainer
+
+        def spy(*args):  # the Trainer's mixed precision while it trains
+            out = original(*args)
+            seen.append((os.environ.get("ACCELERATE_MIXED_PRECISION"), out[0].args.bf16))
+            return out
+
+        run._run_trainer = spy
+        metrics = run.fit()
+        assert seen == [("bf16", True) if cpu_kind == "bf16" else ("no", False)]
+        assert metrics["compute_dtype"] == ("bfloat16" if cpu_kind == "bf16" else "float32")
+        assert os.environ.get("ACCELERATE_MIXED_PRECISION") == before  # the process is left as it was
     finally:
         run.cleanup()
     forced = make(tiny_model, processed, tmp_path / "fp32", method, options, overrides, max_steps=1, save_steps=0,

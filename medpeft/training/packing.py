@@ -159,8 +159,8 @@ def _configs(model):
     return list(seen.values())
 
 
-def enable_varlen_attention(model) -> str:
-    """Route the model's attention through `varlen_attention`; returns the implementation it replaced."""
+def enable_varlen_attention(model):
+    """Route the model's attention through `varlen_attention`; returns what undoes it."""
     from transformers import AttentionInterface
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 
@@ -171,9 +171,9 @@ def enable_varlen_attention(model) -> str:
     previous = configs[0]._attn_implementation if configs else "sdpa"
     for config in configs:
         config._attn_implementation = ATTENTION
-    return previous
 
+    def undo():
+        for config in _configs(model):
+            config._attn_implementation = previous
 
-def restore_attention(model, previous: str) -> None:
-    for config in _configs(model):
-        config._attn_implementation = previous
+    return undo

@@ -10,8 +10,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-import os
 import random
 import shutil
 import tempfile
@@ -31,16 +31,16 @@ from ..modeling import (default_device, load_model, load_tokenizer, model_comput
                         prepare_kbit, resolve_model)
 from ..outputs import (CONFIG_FILE, base_signature, check_output_dir, library_versions, publish_dir, write_json,
                        write_output_files)
-from ..precision import explain, resolve
+from ..precision import explain, resolve, short
 from ..scoring import answer_loss
 from ..tokens import PadCollator, answer_examples
 from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoints, disk_full,
                           drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
-from .packing import PackedCollator, enable_varlen_attention, pack_batches, restore_attention
-from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing, uncompile_layers
-from .trainer import (close_loggers, finite_loss_callback, gc_callback, optimizer, out_of_memory, progress_callback,
-                      reporters, scheduled_gc, trainer_class)
+from .packing import PackedCollator, enable_varlen_attention, pack_batches
+from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing
+from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
+                      progress_callback, quantized_base_trainable, reporters, scheduled_gc, trainer_class)
 
 
 @dataclass
@@ -110,11 +110,10 @@ class TrainingRun:
         return answer_loss(model or self.model, self.val_examples, self.tokenizer.pad_token_id, self.cfg.batch_size,
                            desc)
 
-    _unpack: tuple = ()  # what packing changed in the model (attention, a method's forward): undone after fit
-
-    def _batches(self):
+    def _batches(self, undo: contextlib.ExitStack):
         """(training data, collator, per-device batch size, speed settings): packed token-budget rows where
-        packing applies (CUDA by default), else padded batches; Liger kernels and partial checkpointing on top."""
+        packing applies (CUDA by default), else padded batches; Liger kernels and partial checkpointing on top.
+        What this changes in the model goes onto `undo` (Liger's kernels stay: they compute the same function)."""
         cfg, device = self.cfg, self.ctx.device
         packing = cfg.packing == "on" or (cfg.packing == "auto" and device == "cuda")
         speed = {"packing": packing}
@@ -123,14 +122,14 @@ class TrainingRun:
         unit = process_count() * cfg.gradient_accumulation_steps
         if packing:
             budget = token_budget(cfg)
-            slots, undo = self.method.pack(self.model)
+            slots, unpack = self.method.pack(self.model)
+            undo.callback(unpack)
             groups = pack_batches([len(e["input_ids"]) for e in self.train_examples], budget - slots, cfg.seed)
             if unit > 1 and len(groups) > unit:
                 groups = groups[:len(groups) - len(groups) % unit]
             data = [[self.train_examples[i] for i in g] for g in groups]
             collator, batch_size = PackedCollator(slots), 1
-            previous = enable_varlen_attention(self.model)
-            self._unpack = ((undo,) if undo else ()) + (lambda: restore_attention(self.model, previous),)
+            undo.callback(enable_varlen_attention(self.model))
             speed.update(tokens_per_batch=budget, micro_batches=len(groups),
                          examples_per_micro_batch=round(len(self.train_examples) / len(groups), 2))
         else:
@@ -138,8 +137,8 @@ class TrainingRun:
             step = batch_size * unit
             if unit > 1 and len(data) > step and len(data) % step:
                 data = data[:len(data) - len(data) % step]
-        # auto: one process only. Under data parallel, compiled QLoRA scaled worse than eager (1.61x vs 1.84x) and
-        # a compiled adapter run failed on one of two GPUs (docs/performance.md); --compile on still opts in.
+        # auto: one process only; under data parallel compiled layers measured slower, and once failed
+        # (docs/performance.md); --compile on still opts in
         can = self.method.CAPABILITIES
         measured = can.compile == "always" or (can.compile == "packed" and packing)
         compiled = (cfg.compile == "on" or (cfg.compile == "auto" and device == "cuda" and measured
@@ -160,9 +159,11 @@ class TrainingRun:
                 peft_config, "is_prompt_learning", False) else 0
             speed["answer_logits_only"] = True
         if self.ctx.gradient_checkpointing:
-            speed["checkpointed_layers"] = limit_checkpointing(self.model, cfg.checkpoint_share)
+            speed["checkpointed_layers"], unlimit = limit_checkpointing(self.model, cfg.checkpoint_share)
+            undo.callback(unlimit)
         if compiled:
-            speed["compiled_layers"] = compile_layers(self.model, fallback=cfg.compile == "auto")
+            speed["compiled_layers"], uncompile = compile_layers(self.model, fallback=cfg.compile == "auto")
+            undo.callback(uncompile)
         return data, collator, batch_size, speed
 
     def fit(self) -> dict:
@@ -248,7 +249,7 @@ class TrainingRun:
             "processes": process_count(), "sharded": shard,
             # what this process holds: the whole model, or under FSDP its shard of every layer
             "parameters_per_process": sum(p.numel() for p in trainer.model.parameters()),
-            **peak_memory_gb(device, sampler), "device": device,
+            **peak_memory_gb(device, sampler), "device": device, "compute_dtype": short(model_compute_dtype(self.model)),
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "versions": library_versions(),
@@ -263,32 +264,22 @@ class TrainingRun:
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
 
     def _train(self, base_val: dict | None, resume: Path | None):
-        speed = {}
-        try:
-            train_data, collator, batch_size, speed = self._batches()
+        # every change to the model and the process is undone on the way out, also after an error: evaluation and
+        # generation afterwards run the model as it was, and the next run in this process starts clean
+        with contextlib.ExitStack() as undo:
+            train_data, collator, batch_size, speed = self._batches(undo)
             self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
             trainer, result, runtime, timer, sampler = self._run_trainer(train_data, collator, batch_size, base_val,
-                                                                         resume)
-        finally:  # evaluation and generation afterwards run the model as it was, also after an error
-            for undo in self._unpack:
-                undo()
-            self._unpack = ()
-            if speed.get("compiled_layers"):
-                uncompile_layers(self.model)
+                                                                         resume, undo)
         return trainer, result, runtime, collator, speed, timer, sampler
 
-    def _run_trainer(self, train_data, collator, batch_size, base_val, resume):
-        from accelerate.state import AcceleratorState
+    def _run_trainer(self, train_data, collator, batch_size, base_val, resume, undo: contextlib.ExitStack):
         from transformers import TrainingArguments
         from transformers.trainer_callback import ProgressCallback
 
         cfg, device = self.cfg, self.ctx.device
-        # accelerate keeps one process-wide state, and TrainingArguments writes bf16 into the process's
-        # ACCELERATE_MIXED_PRECISION without ever taking it back: without both resets, a second run in the same
-        # process (run_all, tests) inherits the first run's mixed precision (fp32 P-Tuning under bf16 autocast).
-        AcceleratorState._reset_state(reset_partial_state=True)
         use_bf16 = model_compute_dtype(self.model) == torch.bfloat16
-        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if use_bf16 else "no"
+        undo.enter_context(mixed_precision(use_bf16))
         checkpoints = checkpoint_dir(cfg.output_dir)
         if sharded() and cfg.save_steps:
             self.log("--fsdp: no checkpoints are written (a sharded run cannot be resumed)")
@@ -316,20 +307,12 @@ class TrainingRun:
             # step to finish, and the GPU then idles while the CPU prepares the next one
             accelerator_config={"non_blocking": device == "cuda"},
         )
-        # Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are
-        # just as trainable (AdapterHub's own AdapterTrainer lifts the same flag).
-        quantized_non_peft = getattr(self.model, "is_quantized", False) and not hasattr(self.model, "peft_config")
-        if quantized_non_peft:
-            self.model.is_quantized = False
-        try:
+        with quantized_base_trainable(self.model):
             trainer = trainer_class()(model=self.model, args=args, train_dataset=train_data,
-                                       eval_dataset=self.val_examples if cfg.eval_steps else None,
-                                       data_collator=collator,
-                                       callbacks=[(timer := StepTimer(collator, device)).callback,
-                                                  mark_complete_callback()])
-        finally:
-            if quantized_non_peft:
-                self.model.is_quantized = True
+                                      eval_dataset=self.val_examples if cfg.eval_steps else None,
+                                      data_collator=collator,
+                                      callbacks=[(timer := StepTimer(collator, device)).callback,
+                                                 mark_complete_callback()])
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(finite_loss_callback(trainer))
         trainer.add_callback(progress_callback(collator))
@@ -339,14 +322,11 @@ class TrainingRun:
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         sampler = RssSampler() if device == "cpu" else None
+        if sampler is not None:
+            undo.callback(sampler.stop)  # a stopped sampler keeps its peak: stopping twice is harmless
         t0 = time.time()
-        try:
-            with scheduled_gc():
-                result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-        except BaseException:
-            if sampler is not None:
-                sampler.stop()
-            raise
+        with scheduled_gc():
+            result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         return trainer, result, time.time() - t0, timer, sampler
 
     def save(self, metrics: dict) -> Path:

@@ -53,47 +53,44 @@ def decoder_layers(model):
     return [m for m in _transformers_model(model).modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
-def limit_checkpointing(model, share: float) -> int:
+def limit_checkpointing(model, share: float):
     """Keep recomputation in the first round(share x n) decoder layers; the rest store their activations.
-    Returns how many layers still recompute."""
+    Returns (how many layers still recompute, what undoes it)."""
     layers = [m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)]
     keep = round(share * len(layers))
     for layer in layers[keep:]:
         layer.gradient_checkpointing = False
-    return keep
+
+    def undo():
+        for layer in layers[keep:]:
+            layer.gradient_checkpointing = True
+
+    return keep, undo
 
 
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
 
 
-def compile_layers(model, fallback: bool = False) -> int:
+def compile_layers(model, fallback: bool = False):
     """torch.compile every decoder layer (one compiled graph shared by all of them). Checkpointing stays outside
     the compiled region: the recomputation calls the compiled forward again. `fallback`: a layer that fails to
     compile runs eagerly, with a warning, instead of stopping the run (--compile auto, for architectures the
-    compiler has not been tried on). Returns the number of layers."""
-
+    compiler has not been tried on). Returns (the number of layers, what undoes it)."""
     layers = decoder_layers(model)
     if not layers:  # an architecture without transformers' checkpointing layers: nothing to compile
-        return 0
+        return 0, lambda: None
     # every layer is another instance of the same code; a guard per instance must not exhaust the cache
     dynamo = torch._dynamo.config
     name = "recompile_limit" if hasattr(dynamo, "recompile_limit") else "cache_size_limit"
     setattr(dynamo, name, max(getattr(dynamo, name), 2 * len(layers) + 8))
-    _suppressed.append(dynamo.suppress_errors)
-    dynamo.suppress_errors = fallback
+    suppressed, dynamo.suppress_errors = dynamo.suppress_errors, fallback
     for layer in layers:
         layer.compile(backend=COMPILE_BACKEND, dynamic=True)  # packed rows vary in length: one graph for all
-    return len(layers)
 
+    def undo():
+        for layer in layers:
+            layer._compiled_call_impl = None
+        torch._dynamo.reset()  # the compiled code and its guards keep references to this model
+        dynamo.suppress_errors = suppressed
 
-_suppressed: list[bool] = []  # dynamo's suppress_errors before compile_layers, restored by uncompile_layers
-
-
-def uncompile_layers(model) -> None:
-
-
-    for layer in decoder_layers(model):
-        layer._compiled_call_impl = None
-    torch._dynamo.reset()  # the compiled code and its guards keep references to this model
-    if _suppressed:
-        torch._dynamo.config.suppress_errors = _suppressed.pop()
+    return len(layers), undo

@@ -120,23 +120,61 @@ def gc_callback():
     return ScheduledGC()
 
 
-def _seeded_length_sampler(sampler, seed: int):
-    """Trainer's length-grouped order drawn from (seed, epoch) instead of the global RNG, so that a run resumed
+class SeededLengthOrder(torch.utils.data.Sampler):
+    """The Trainer's length-grouped order, drawn from (seed, epoch) instead of the global RNG, so that a run resumed
     mid-epoch sees the same batches as one that was never interrupted."""
-    from transformers.trainer_pt_utils import get_length_grouped_indices
 
-    class Seeded(type(sampler)):
-        epoch = 0
+    def __init__(self, lengths: list[int], batch_size: int, seed: int):
+        super().__init__()
+        self.lengths, self.batch_size, self.seed, self.epoch = lengths, batch_size, seed, 0
 
-        def set_epoch(self, epoch):
-            self.epoch = epoch
+    def set_epoch(self, epoch: int) -> None:  # called by accelerate's data loader at each epoch
+        self.epoch = epoch
 
-        def __iter__(self):
-            generator = torch.Generator().manual_seed(seed + self.epoch)
-            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+    def __len__(self) -> int:
+        return len(self.lengths)
 
-    sampler.__class__ = Seeded
-    return sampler
+    def __iter__(self):
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+
+@contextlib.contextmanager
+def mixed_precision(bf16: bool):
+    """accelerate keeps one process-wide state, and TrainingArguments writes bf16 into the process's
+    ACCELERATE_MIXED_PRECISION without taking it back: a second run in the same process (run_all, tests) would
+    inherit the first run's mixed precision. Both are reset on entry and put back on exit."""
+    import os
+
+    from accelerate.state import AcceleratorState
+
+    before = os.environ.get("ACCELERATE_MIXED_PRECISION")
+    AcceleratorState._reset_state(reset_partial_state=True)
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16" if bf16 else "no"
+    try:
+        yield
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+        if before is None:
+            os.environ.pop("ACCELERATE_MIXED_PRECISION", None)
+        else:
+            os.environ["ACCELERATE_MIXED_PRECISION"] = before
+
+
+@contextlib.contextmanager
+def quantized_base_trainable(model):
+    """The Trainer refuses a quantized base that is not a peft model; AdapterHub adapters on a 4-bit base are just
+    as trainable (AdapterHub's own AdapterTrainer lifts the same flag). Lifted while the Trainer is built."""
+    lifted = getattr(model, "is_quantized", False) and not hasattr(model, "peft_config")
+    if lifted:
+        model.is_quantized = False
+    try:
+        yield
+    finally:
+        if lifted:
+            model.is_quantized = True
 
 
 @functools.lru_cache(maxsize=1)
@@ -164,7 +202,7 @@ def trainer_class():
         def _get_train_sampler(self, train_dataset=None):
             sampler = super()._get_train_sampler(train_dataset)
             if self.args.group_by_length:  # its order must not depend on the RNG state, or a resume reorders data
-                return _seeded_length_sampler(sampler, self.args.seed)
+                return SeededLengthOrder(sampler.lengths, sampler.batch_size, self.args.seed)
             return sampler
 
         def _save(self, output_dir=None, state_dict=None):
