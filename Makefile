@@ -1,6 +1,6 @@
 # make demo: the whole pipeline (prepare, QLoRA, adapters, P-Tuning, evaluation, report) on the embedded
 #            SmolLM2-135M and the bundled sample, on the CPU.
-# make test: the test suite (CPU, no network).
+# make test: the test suite (CPU, no network). make test-fast: the same without the slow tests.
 # Both create .venv and install what they need the first time.
 PYTHON ?= python3
 VENV := .venv
@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.medpeft-installed
 TEST_STAMP := $(VENV)/.medpeft-test-tools
 
-.PHONY: demo test clean browser
+.PHONY: demo test test-fast lint clean browser
 
 $(STAMP): requirements.txt pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -26,9 +26,15 @@ $(TEST_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q pytest ruff pexpect selenium hypothesis 2>&1 | grep -v "is ignored: it is neither" || true
 	touch $@
 
-test: $(TEST_STAMP) browser
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check --select F,E9,B --ignore B905 --line-length 120 medpeft tests qlora adapter_tuning p_tuning utils run_all.py
+
+test: lint browser
 	$(BIN)/python -m pytest -q
+
+# the inner loop: everything but the tests marked slow (several processes, long runs)
+test-fast: lint
+	$(BIN)/python -m pytest -q -m "not slow"
 
 # The report's browser test needs Debian's chromium and chromium-driver; without root it is skipped with a reason.
 browser:

@@ -82,6 +82,7 @@ class TrainConfig:
     max_length: int = opt(512, "truncate examples to this many tokens")
     warmup_ratio: float = opt(0.03, "share of steps with linear learning-rate warm-up")
     weight_decay: float = opt(0.0, "AdamW weight decay")
+    max_grad_norm: float = opt(1.0, "clip the gradients' global norm to this before each step (0 = no clipping)")
     optim: str = opt("auto", "optimizer (auto = fused AdamW on a GPU, AdamW on a CPU; paged_adamw_8bit keeps its "
                              "state in 8 bits: a quarter of the optimizer memory, one kernel per tensor)",
                      ["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"])
@@ -150,6 +151,8 @@ class TrainConfig:
             problems.append(f"--max_steps must be positive or -1, got {self.max_steps}")
         if self.max_steps == -1 and not self.num_epochs > 0:
             problems.append(f"--num_epochs must be positive, got {self.num_epochs}")
+        if self.max_grad_norm < 0:
+            problems.append(f"--max_grad_norm must be 0 (no clipping) or positive, got {self.max_grad_norm}")
         if not 0 <= self.warmup_ratio < 1:
             problems.append(f"--warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.eval_steps < 0:

@@ -18,7 +18,8 @@ from .outputs import load_trained, read_run, write_model_card
 NOT_MERGEABLE = {
     "adapter": "bottleneck adapters add new layers to every decoder block; they cannot be folded into the base "
                "weights. Serve the base model with the adapter loaded (adapters.init(model); "
-               "model.load_adapter(DIR, use_safetensors=True)), or `medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
+               "model.load_adapter(DIR, use_safetensors=True)), or `medpeft generate --adapter DIR` / "
+               "`medpeft chat --adapter DIR`",
     "ptuning": "P-Tuning adds virtual tokens before every input; there is no weight to fold them into. Serve the "
                "base model with the prompt encoder (peft's PeftModel.from_pretrained(base, DIR)), or "
                "`medpeft generate --adapter DIR` / `medpeft chat --adapter DIR`",
@@ -31,7 +32,8 @@ def _dequantized(module) -> torch.Tensor:
     weight = module.weight
     if isinstance(weight, bnb.nn.Params4bit):
         # the values the adapter was trained on: dequantized in the dtype the layer computed in
-        return bnb.functional.dequantize_4bit(weight.data, weight.quant_state).to(module.compute_dtype or torch.bfloat16)
+        values = bnb.functional.dequantize_4bit(weight.data, weight.quant_state)
+        return values.to(module.compute_dtype or torch.bfloat16)
     return weight.data
 
 
@@ -95,7 +97,7 @@ def merge(adapter_dir: str, output: str, log=print) -> dict:
     try:
         merged.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
-        card = dict(run, merged_from=str(adapter_dir), merge_check=check)
+        card = dict(run, merged_from=str(adapter_dir), merged_to=str(out), merge_check=check)
         write_model_card(staging, card)
         if out.exists():
             out.rmdir()

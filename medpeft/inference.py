@@ -16,7 +16,11 @@ from typing import Optional
 
 from .config import DEFAULT_SYSTEM_PROMPT, opt
 from .errors import UsageError
+from .modeling import autocast, default_device, load_model, load_tokenizer, resolve_model
+from .outputs import load_trained
+from .precision import explain, resolve
 from .readers import read_rows
+from .scoring import generate_answers
 from .tokens import render
 
 NOTICE = ("medpeft chat: answers come from a language model and are NOT medical advice; they can be wrong. "
@@ -47,10 +51,6 @@ class GenerateConfig:
 def load_for_inference(cfg):
     """(model, tokenizer) of a training output or of a bare base model. The compute dtype's line goes to stderr:
     stdout carries the answers."""
-    from .modeling import default_device, load_model, load_tokenizer, resolve_model
-    from .precision import explain, resolve
-    from .outputs import load_trained
-
     print(explain(cfg.dtype, default_device()), file=sys.stderr)
     if cfg.adapter:
         model, tokenizer, _ = load_trained(cfg.adapter, dtype=None if cfg.dtype == "auto" else cfg.dtype)
@@ -83,8 +83,6 @@ def read_questions(path: str) -> list[str]:
 
 
 def generate(cfg, log=print) -> list[dict]:
-    from .scoring import generate_answers
-
     if bool(cfg.prompt) == bool(cfg.input):
         raise UsageError("give exactly one of --prompt \"...\" or --input FILE")
     questions = [cfg.prompt] if cfg.prompt else read_questions(cfg.input)
@@ -111,8 +109,6 @@ def chat(cfg, stdin=None, stdout=None) -> None:
     """Read a question, stream the answer token by token, keep the conversation; 'exit' or EOF ends it."""
     import torch
     from transformers import TextIteratorStreamer
-
-    from .modeling import autocast
 
     stdin, stdout = stdin or sys.stdin, stdout or sys.stdout
     model, tokenizer = load_for_inference(cfg)

@@ -217,9 +217,19 @@ def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, eval
 
 
 def _loading_hint(run: dict) -> str:
+    """The card's loading snippet, runnable as it stands (tests/test_using.py runs it for every method)."""
+    folder = run.get("merged_to") or run.get("settings", {}).get("output_dir")
+    base = run.get("resolved_model") or run.get("settings", {}).get("model_name")
     if run.get("merged_from"):
-        return "```python\nfrom transformers import AutoModelForCausalLM\nmodel = AutoModelForCausalLM.from_pretrained(DIR)\n```"
-    if run.get("method") == "adapter":
-        return ("```python\nimport adapters\nadapters.init(model)\nmodel.load_adapter(DIR, with_head=False, "
-                "set_active=True, use_safetensors=True)\n```")
-    return "```python\nfrom peft import PeftModel\nmodel = PeftModel.from_pretrained(base_model, DIR)\n```"
+        lines = ["from transformers import AutoModelForCausalLM", "",
+                 f"model = AutoModelForCausalLM.from_pretrained({json.dumps(folder)})"]
+    elif run.get("method") == "adapter":
+        lines = ["import adapters", "from transformers import AutoModelForCausalLM", "",
+                 f"model = AutoModelForCausalLM.from_pretrained({json.dumps(base)})  # the base model",
+                 "adapters.init(model)",
+                 f"model.load_adapter({json.dumps(folder)}, with_head=False, set_active=True, use_safetensors=True)"]
+    else:
+        lines = ["from peft import PeftModel", "from transformers import AutoModelForCausalLM", "",
+                 f"base_model = AutoModelForCausalLM.from_pretrained({json.dumps(base)})",
+                 f"model = PeftModel.from_pretrained(base_model, {json.dumps(folder)})"]
+    return "```python\n" + "\n".join(lines) + "\n```"

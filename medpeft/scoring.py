@@ -104,11 +104,12 @@ def _items(tokenizer, records: list[dict], max_length: int) -> list[_Item]:
         first_label = next((i for i, lab in enumerate(labels) if lab != -100), len(full))
         # shared while every sequence agrees (an option may merge with the prompt's last token), and before the
         # first answer token; at least one token, so that every continuation has logits to start from
-        shared = max(1, min([_common_prefix(head, full), first_label] + [_common_prefix(head, ids) for _, ids in options]))
+        starts = [_common_prefix(head, ids) for _, ids in options]
+        shared = max(1, min([_common_prefix(head, full), first_label] + starts))
         items.append(_Item(prefix=head[:shared], generation_tail=head[shared:], answer_tail=full[shared:],
                            answer_scored=[lab != -100 for lab in labels[shared:]],
-                           options=[(letter, ids[shared:], _common_prefix(head, ids) - shared)
-                                    for letter, ids in options]))
+                           options=[(letter, ids[shared:], start - shared)
+                                    for (letter, ids), start in zip(options, starts)]))
     return items
 
 
@@ -196,8 +197,8 @@ def score_and_generate(model, tokenizer, records: list[dict], batch_size: int, m
                                                                                        device=device),
                                  past_key_values=_rows_of(cache, owner), use_cache=True).logits.float()
             # position j of a tail is predicted by the prompt's last logits (j = 0), then by the tail's own
-            picked = torch.cat([_logprobs(last[owner, None], tail_ids[:, :1]), _logprobs(logits[:, :-1], tail_ids[:, 1:])],
-                               dim=1)
+            picked = torch.cat([_logprobs(last[owner, None], tail_ids[:, :1]),
+                                _logprobs(logits[:, :-1], tail_ids[:, 1:])], dim=1)
             for row, (k, what, tail) in enumerate(chunk):
                 item, index = batch[k], order[start + k]
                 if what == "answer":

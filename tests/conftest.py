@@ -152,3 +152,12 @@ def within(model, difference: float, float32: float, bfloat16: float, what: str)
         with open(os.environ["MEDPEFT_TOLERANCE_LOG"], "a", encoding="utf-8") as fh:
             fh.write(f"{what}\t{dtype}\t{difference:.3g}\n")
     return difference <= {torch.float32: float32, torch.bfloat16: bfloat16}[dtype]
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on, for a test's own process group."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

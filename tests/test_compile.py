@@ -35,6 +35,7 @@ def fit(tiny_model, processed, out, method, options, overrides, compile_):
         run.cleanup()
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 @pytest.mark.parametrize("case", list(CASES))
 def test_compiled_layers_train_like_eager_layers(case, tiny_model, processed, tmp_path, monkeypatch):
     from torch._dynamo.utils import counters

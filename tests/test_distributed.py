@@ -2,20 +2,14 @@
 machine) follow the one-process run with the same effective batch, and only the first process writes."""
 
 import json
+
+import pytest
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 QLORA = ("--method", "qlora", "--no-load_in_4bit", "--lora_dropout", "0")
@@ -32,6 +26,7 @@ def train(tiny_model, processed, out, launcher, env=None, extra=(), method=QLORA
     return done, json.loads((Path(out) / "metrics.json").read_text())
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_two_processes_follow_one_with_the_same_effective_batch(tiny_model, processed, tmp_path):
     _, one = train(tiny_model, processed, tmp_path / "one", [])
     two_run, two = train(tiny_model, processed, tmp_path / "two",
@@ -48,6 +43,7 @@ def test_two_processes_follow_one_with_the_same_effective_batch(tiny_model, proc
     assert not [p for p in tmp_path.iterdir() if p.name.startswith((".one.", ".two."))]
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_packed_ptuning_on_two_processes_follows_one(tiny_model, processed, tmp_path):
     """P-Tuning's packed forward (the virtual tokens written into each row) also runs inside data parallel."""
     ptuning = ("--method", "ptuning", "--num_virtual_tokens", "4", "--learning_rate", "5e-2", "--packing", "on",
@@ -80,6 +76,7 @@ sys.exit(run(sys.argv[1:]))
 """
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_a_loss_gone_bad_on_one_process_stops_every_process(tiny_model, processed, tmp_path):
     script = tmp_path / "poisoned.py"
     script.write_text(POISONED)
@@ -102,7 +99,6 @@ def test_num_gpus_beyond_the_machine_is_refused(tiny_model, processed, tmp_path,
     assert code == 2
     assert "--num_gpus 2: 0 CUDA GPU(s) visible; lower --num_gpus" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
-
 
 
 def test_fsdp_launch_gives_each_process_the_settings_the_benchmark_uses():
@@ -137,55 +133,6 @@ def test_fsdp_is_refused_where_it_cannot_apply(tiny_model, processed, tmp_path, 
     assert run(["train", "--method", "qlora", *common, "--fsdp", "--num_gpus", "2"]) == 2
     assert "--num_gpus 2: 0 CUDA GPU(s) visible" in capsys.readouterr().err
     assert not (tmp_path / "m").exists()
-
-
-def test_run_all_trains_each_stage_through_the_launcher(tiny_model, tmp_path, monkeypatch, capsys):
-    """run_all --num_gpus N hands each training stage to the launcher as `medpeft train --config FILE`; the
-    launched run writes the stage's fingerprint, so a second run_all skips it. (The launcher is replaced by an
-    in-process call here: this machine has no GPU.)"""
-    from medpeft.cli import run
-
-    launched = []
-
-    def one_process_launch(num_gpus, argv, fsdp=False, env=None):
-        import torch.distributed as dist
-
-        launched.append((num_gpus, argv[:3], fsdp))
-        # as in a launched process (of one), which does not launch again
-        launched_env = {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1",
-                        "MASTER_PORT": str(free_port()), **(env or {})}
-        for k, v in launched_env.items():
-            monkeypatch.setenv(k, v)
-        try:
-            return run(argv)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
-            for k in launched_env:
-                monkeypatch.delenv(k, raising=False)  # the launched command consumes the stage fingerprint
-
-    monkeypatch.setattr("medpeft.pipeline.launch", one_process_launch)
-    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "8",
-            "--max_new_tokens", "4", "--batch_size", "4", "--methods", "qlora,adapter", "--num_gpus", "2"]
-    assert run(argv, prog="run_all.py", command="run") == 0
-    assert launched == [(2, ["train", "--method", "qlora"], False), (2, ["train", "--method", "adapter"], False)]
-    settings = json.loads((tmp_path / "models" / "adapter" / "medpeft_config.json").read_text())["settings"]
-    assert settings["num_gpus"] == 2 and settings["max_steps"] == 2 and settings["learning_rate"] == 1e-4
-    results = json.loads((tmp_path / "evaluation_results.json").read_text())
-    assert all(results["models"][m]["status"] == "ok" for m in ("base", "qlora", "adapter"))
-    capsys.readouterr()
-    assert run(argv, prog="run_all.py", command="run") == 0
-    assert capsys.readouterr().out.count("up to date, skipped") == 4 and len(launched) == 2
-
-
-def test_run_all_on_more_gpus_than_the_machine_has_stops_with_one_line(tiny_model, tmp_path, capsys):
-    from medpeft.cli import run
-
-    code = run(["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--num_gpus", "2"],
-               prog="run_all.py", command="run")
-    assert code == 2
-    assert "--num_gpus 2: 0 CUDA GPU(s) visible; lower --num_gpus" in capsys.readouterr().err
-    assert not (tmp_path / "models").exists() or not any((tmp_path / "models").iterdir())
 
 
 def test_the_shipped_fsdp_config_says_what_medpeft_launches_with():

@@ -116,50 +116,6 @@ def test_generation_runs_in_batches_and_times_itself(tiny_model):
     assert tok.padding_side == "right"  # restored after left-padded generation
 
 
-def test_pipeline_runs_every_stage_then_skips_them(tiny_model, tmp_path, monkeypatch, capsys):
-    """run_all end to end on the tiny model; a second run skips every finished stage."""
-    from medpeft.cli import run
-
-    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "12",
-            "--max_new_tokens", "4", "--batch_size", "4"]
-    assert run(argv, prog="run_all.py", command="run") == 0
-    first = capsys.readouterr().out
-    results = json.loads((tmp_path / "evaluation_results.json").read_text())
-    assert set(results["models"]) == {"base", "qlora", "adapter", "ptuning"}
-    assert all(e["status"] == "ok" for e in results["models"].values())
-    assert (tmp_path / "report.html").is_file() and (tmp_path / "report.md").is_file()
-    assert "model" in first and "qlora" in first and "gain vs base" in first  # the terminal summary table
-    weights = tmp_path / "models" / "qlora" / "adapter_model.safetensors"
-    stamp = weights.stat().st_mtime_ns
-
-    assert run(argv, prog="run_all.py", command="run") == 0
-    second = capsys.readouterr().out
-    assert second.count("up to date, skipped") == 5  # prepare, three methods, evaluation
-    assert weights.stat().st_mtime_ns == stamp
-
-    assert run(argv[:-2] + ["--batch_size", "2"], prog="run_all.py", command="run") == 0
-    third = capsys.readouterr().out
-    assert third.count("up to date, skipped") == 1 and "[1/3] prepare" in third  # only the data is reused
-
-
-def test_a_failing_method_is_reported_not_fatal(tiny_model, tmp_path, monkeypatch, capsys):
-    from medpeft.cli import run
-    from medpeft.methods import adapter
-
-    def broken(ctx, opts):
-        raise RuntimeError("simulated adapter crash")
-
-    monkeypatch.setattr(adapter, "prepare", broken)
-    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "1", "--max_samples", "6",
-            "--max_new_tokens", "2", "--methods", "qlora,adapter"]
-    assert run(argv, prog="run_all.py", command="run") == 0
-    results = json.loads((tmp_path / "evaluation_results.json").read_text())
-    assert results["models"]["qlora"]["status"] == "ok"
-    assert results["models"]["adapter"] == {"name": "adapter", "path": None, "status": "failed",
-                                            "error": "training failed: RuntimeError: simulated adapter crash"}
-    assert "failed: training failed: RuntimeError: simulated adapter crash" in (tmp_path / "report.md").read_text()
-
-
 def test_report_is_made_from_the_results_file_alone(tmp_path):
     from medpeft.report import main
 

@@ -149,6 +149,7 @@ def test_formula_cells_nuls_and_long_fields_are_kept_as_plain_text(tiny_model, t
                             "dropped_by_reason": {"prompt alone reaches --max_length 256": 1}}
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_a_100000_row_file_keeps_memory_bounded(tiny_model, tmp_path):
     path = tmp_path / "big.csv"
     with open(path, "w", encoding="utf-8", newline="") as fh:

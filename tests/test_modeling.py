@@ -57,19 +57,6 @@ def test_hub_reachability_is_decided_quickly(monkeypatch):
     assert hub_reachable() is False
 
 
-def test_demo_run_config_parses():
-    from medpeft.pipeline import DEMO_CONFIG, plan
-
-    data = config.load_yaml(str(DEMO_CONFIG))
-    steps = plan(["--config", str(DEMO_CONFIG)])
-    assert steps.prepare.model_name == "smollm2-135m" and Path(steps.run.input_data).is_file()
-    assert DEMO_CONFIG.read_text().startswith("# python run_all.py")
-    for name in methods.NAMES:  # every per-method setting is a real field
-        module = methods.get(name)
-        known = {f for s in (config.TrainConfig, module.Options) for f in s.__dataclass_fields__}
-        assert set(data.get(name, {})) <= known, name
-
-
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_shipped_configs_parse_and_validate(path):
     data = config.load_yaml(str(path))

@@ -49,6 +49,7 @@ def assert_identical(a: dict, b: dict):
     assert not different, different[:3]
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 @pytest.mark.parametrize("name", ["lora", "adapter", "ptuning"])
 def test_a_crashed_run_resumes_to_the_same_weights(name, tiny_model, processed, tmp_path, monkeypatch):
     """Crash after step 9 (epoch 2), resume from the step-8 checkpoint: the same final weights, bit for bit."""
@@ -87,6 +88,7 @@ def test_a_crashed_run_resumes_to_the_same_weights(name, tiny_model, processed, 
     assert not checkpoints.exists()  # removed once the output is complete
 
 
+@pytest.mark.slow  # make test-fast leaves it out
 def test_sigkill_in_the_middle_then_resume_gives_the_same_adapter(tiny_model, processed, tmp_path):
     """A real SIGKILL of the training process (4-bit QLoRA), then --resume_from_checkpoint auto."""
     whole, killed = tmp_path / "whole", tmp_path / "killed"

@@ -13,6 +13,8 @@ from medpeft.config import TrainConfig
 from medpeft.training import train
 
 from conftest import within
+from medpeft.modeling import autocast
+from medpeft.outputs import load_trained
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
@@ -290,3 +292,45 @@ def test_one_pass_evaluation_does_not_depend_on_where_the_shared_prompt_ends(out
         assert abs(a - b) < 1e-4 * max(1.0, abs(b))
     for a, b in zip(got["options"], expected["options"]):
         assert (a is None) == (b is None) and all(abs(a[k] - b[k]) < 1e-4 for k in (b or {}))
+
+
+def python_blocks(markdown: str) -> list[str]:
+    return [block.split("```", 1)[0] for block in markdown.split("```python\n")[1:]]
+
+
+@pytest.mark.parametrize("name", ["qlora", "lora", "adapter", "ptuning"])
+def test_the_model_cards_loading_snippet_runs_as_written(outputs, name):
+    """A card's "Loading" snippet, run as it stands: the model it loads gives medpeft's own logits (16-bit bases;
+    a QLoRA adapter loads onto the 16-bit base, as serving engines do)."""
+    (snippet,) = python_blocks((Path(outputs[name]) / "README.md").read_text())
+    assert outputs[name] in snippet  # its own folder, not a placeholder
+    scope: dict = {}
+    exec(compile(snippet, f"{name}/README.md", "exec"), scope)
+    model = scope["model"].eval()
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10]])
+    with torch.no_grad(), autocast(model):
+        got = model(input_ids=ids).logits.float()
+    assert torch.isfinite(got).all()
+    if name != "qlora":
+        expected_model, _, _ = load_trained(outputs[name], device="cpu", dtype="float32")
+        with torch.no_grad():
+            expected = expected_model(input_ids=ids).logits.float()
+        torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+
+
+def test_the_readmes_loading_snippet_runs_as_written(outputs, tiny_model, tmp_path, monkeypatch):
+    (snippet,) = [b for b in python_blocks((ROOT / "README.md").read_text()) if "PeftModel" in b]
+    merged = tmp_path / "merged"
+    assert run(["merge", "--adapter", outputs["qlora"], "--output", str(merged)]) == 0
+    for placeholder, path in (('"mistralai/Mistral-7B-Instruct-v0.2"', tiny_model), ('"merged/"', str(merged)),
+                              ('"models/qlora"', outputs["qlora"]), ('"models/ptuning"', outputs["ptuning"]),
+                              ('"models/adapter"', outputs["adapter"])):
+        assert placeholder in snippet
+        snippet = snippet.replace(placeholder, repr(path))
+    scope: dict = {}
+    exec(compile(snippet, "README.md", "exec"), scope)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    for name in ("qlora", "ptuning", "adapter", "merged"):
+        with torch.no_grad(), autocast(scope[name]):
+            assert torch.isfinite(scope[name].eval()(input_ids=ids).logits).all(), name
+    assert scope["adapter"].active_adapters is not None and hasattr(scope["qlora"], "peft_config")

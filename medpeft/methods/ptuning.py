@@ -15,6 +15,7 @@ from typing import Optional
 import torch
 
 from ..config import opt
+from ..modeling import autocast, load_tokenizer
 from .base import Capabilities, no_rules
 
 NAME = "ptuning"
@@ -66,8 +67,6 @@ def prepare(ctx, opts: Options):
     model = ctx.load_base()
     peft_model = get_peft_model(model, _prompt_config(opts, model.config.hidden_size))
     if opts.prompt_init == "text":
-        from ..modeling import load_tokenizer
-
         tokenizer = load_tokenizer(ctx.resolved_model, ctx.cfg.trust_remote_code)
         fit_encoder_to_text(peft_model, tokenizer, opts.prompt_init_text)
     return peft_model
@@ -134,8 +133,6 @@ check = no_rules
 
 
 def save(model, out_dir: Path, ctx, state_dict: dict | None = None) -> None:
-    from ..modeling import autocast
-
     # peft saves the encoder's output as the virtual tokens: computed as training computed it (bf16 autocast on a
     # bf16 base), so that the loaded model gives the trained model's logits exactly
     with torch.no_grad(), autocast(model):

@@ -207,7 +207,8 @@ class TrainingRun:
                         "pass --auto_batch_size; a 4-bit base (--load_in_4bit), --gradient_checkpointing and a "
                         "shorter --max_length or --tokens_per_batch also save memory") from None
                 cfg = self.cfg = dataclasses.replace(
-                    cfg, batch_size=cfg.batch_size // 2, gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2,
+                    cfg, batch_size=cfg.batch_size // 2,
+                    gradient_accumulation_steps=cfg.gradient_accumulation_steps * 2,
                     tokens_per_batch=token_budget(cfg) // 2)
                 self.log(f"out of memory: retrying with --batch_size {cfg.batch_size} "
                          f"--gradient_accumulation_steps {cfg.gradient_accumulation_steps}")
@@ -249,7 +250,8 @@ class TrainingRun:
             "processes": process_count(), "sharded": shard,
             # what this process holds: the whole model, or under FSDP its shard of every layer
             "parameters_per_process": sum(p.numel() for p in trainer.model.parameters()),
-            **peak_memory_gb(device, sampler), "device": device, "compute_dtype": short(model_compute_dtype(self.model)),
+            **peak_memory_gb(device, sampler), "device": device,
+            "compute_dtype": short(model_compute_dtype(self.model)),
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
             "versions": library_versions(),
@@ -292,6 +294,7 @@ class TrainingRun:
             per_device_train_batch_size=batch_size, per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+            max_grad_norm=cfg.max_grad_norm,
             logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps or None, save_strategy="steps" if cfg.save_steps else "no",
             save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=reporters(cfg.report_to),
@@ -448,7 +451,8 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
     finally:
         run.cleanup()
         root = checkpoint_dir(cfg.output_dir)
-        if is_main_process() and root.is_dir() and not complete_checkpoints(root):  # nothing to resume from: no folder that says so
+        # nothing to resume from: no folder that says there is
+        if is_main_process() and root.is_dir() and not complete_checkpoints(root):
             shutil.rmtree(root, ignore_errors=True)
 
 

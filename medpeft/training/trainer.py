@@ -190,8 +190,8 @@ def trainer_class():
         _flops_per_token = None
 
         def floating_point_ops(self, inputs):
-            # The Trainer's counts the model's parameters again at every micro-batch (~18 ms of Python for 32
-            # decoder layers with LoRA); the count is the same each time.
+            # The Trainer's counts the model's parameters again at every micro-batch, Python time on every step
+            # (docs/performance.md); the count is the same each time.
             ids = inputs.get("input_ids") if isinstance(inputs, dict) else None
             if not isinstance(ids, torch.Tensor):
                 return super().floating_point_ops(inputs)
