@@ -84,7 +84,7 @@ def cmd_train(argv, prog, method_name=None):
         raise UsageError(f"{prog}: --method is required: one of {', '.join(methods.NAMES)}")
     method = methods.get(method_name)
     cfg, opts = config.parse(argv, prog, method.HELP, [config.TrainConfig, method.Options], method.DEFAULTS,
-                             rules=methods.training_rules(method))
+                             rules=methods.training_rules(method), loaded=settings)
     if cfg.num_gpus > 1 and local_rank() is None:
         return launch(cfg.num_gpus, ["train", "--method", method_name, *argv], fsdp=cfg.fsdp)
     # set by the pipeline when it launches a multi-GPU training stage (run_all.py --num_gpus)

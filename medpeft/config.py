@@ -1,7 +1,9 @@
 """Configuration: dataclasses with a help string per field, YAML files, flag overrides, validation.
 
 Precedence, lowest first: dataclass default < method default < `--config FILE.yaml` < command-line flag.
-`validate()` on each dataclass returns every problem it finds; `parse()` reports them all in one error.
+Every value goes through `settle()`, whatever brought it (a flag, a YAML file, run_all's per-method sections): it is
+converted to its field's type and checked against its choices; each dataclass's `validate()` and the rules between
+sections follow, and every problem found is reported in one error.
 """
 
 from __future__ import annotations
@@ -284,14 +286,14 @@ def settle(sections: list[type], values: dict, origins: dict | None = None, rule
 
 
 def given_values(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None,
-                 nested: tuple = (), exclude: tuple = ()) -> tuple[dict, dict, dict]:
+                 nested: tuple = (), exclude: tuple = (), loaded: dict | None = None) -> tuple[dict, dict, dict]:
     """(the settings given explicitly, where each came from, the --config file's nested sections by name).
     Lowest first: the file's top level, then flags. Flags arrive typed, file values as written: `settle`
-    converts both."""
+    converts both. `loaded`: the --config file's settings when the caller has read them already."""
     parser = build_parser(prog, description, sections, defaults, exclude)
     flags = vars(parser.parse_args(argv))
     path = flags.pop("config", None)
-    data = load_yaml(path) if path else {}
+    data = (loaded if loaded is not None else load_yaml(path)) if path else {}
     found = {k: v for k, v in data.items() if k in nested and isinstance(v, dict)}
     top = {k: v for k, v in data.items() if k != "method" and k not in found}
     origins = {k: path for k in top if k not in flags}
@@ -305,12 +307,12 @@ def raise_problems(prog: str, problems: list[str]) -> None:
 
 
 def parse(argv, prog: str, description: str, sections: list[type], defaults: dict | None = None,
-          nested: tuple = (), rules=None, exclude: tuple = ()) -> list:
+          nested: tuple = (), rules=None, exclude: tuple = (), loaded: dict | None = None) -> list:
     """Parse flags (+ optional YAML) into one instance per section; raise one UsageError listing every problem.
     Precedence, lowest first: the dataclass default < `defaults` < the --config file < a flag.
 
     `nested` names YAML keys that hold a mapping for someone else (run_all's per-method sections)."""
-    given, origins, _ = given_values(argv, prog, description, sections, defaults, nested, exclude)
+    given, origins, _ = given_values(argv, prog, description, sections, defaults, nested, exclude, loaded)
     instances, problems = settle(sections, {**(defaults or {}), **given}, origins, rules)
     raise_problems(prog, problems)
     return instances
