@@ -50,6 +50,8 @@ class PrepareConfig:
                                               "(list, dict letter->text, or JSON of either)")
     system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_rows: int = opt(-1, "read at most this many rows (-1 = all)")
+    allow_empty_splits: bool = opt(False, "prepare even when the validation or test split comes out empty "
+                                          "(training data only), with a warning; otherwise that is an error")
     debug: int = opt(0, "print this many processed examples with their tokens coloured by label mask")
     trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
     phi: str = opt("warn", "screen for likely patient identifiers (e-mail, phone, SSN, record number, date of birth, "

@@ -55,6 +55,40 @@ def _screen_phi(rows: list[dict], mode: str, log) -> dict | None:
     return found
 
 
+def smallest_sizes(train_size: float, validation_share: float, limit: int = 10_000) -> int | None:
+    """The fewest rows (question groups) that split_records turns into non-empty train, validation and test."""
+    for n in range(3, limit):
+        train = max(1, round(n * train_size))
+        validation = round((n - train) * validation_share)
+        if validation >= 1 and n - train - validation >= 1:
+            return n
+    return None
+
+
+def _check_splits(splits: dict, cfg, rows_read: int, usable: int, log) -> None:
+    """An empty validation or test split stops here, saying what the settings would need; --allow_empty_splits
+    (training data only) turns that into a warning. An empty training split always stops."""
+    counted = f"{usable} usable row{'s' if usable != 1 else ''} of {rows_read} read"
+    if not splits["train"]:
+        raise UsageError(f"the train split is empty ({counted}); add data, raise --train_size, or mark rows with "
+                         "split=train")
+    empty = [name for name in ("validation", "test") if not splits[name]]
+    if not empty:
+        return
+    fewest = smallest_sizes(cfg.train_size, cfg.validation_share)
+    what = " and ".join(f"the {name} split" for name in empty)
+    need = (f"--train_size {cfg.train_size} with --validation_share {cfg.validation_share} needs at least {fewest} "
+            "rows with different questions" if fewest else
+            f"--train_size {cfg.train_size} with --validation_share {cfg.validation_share} leaves nothing for it")
+    if cfg.allow_empty_splits:
+        log(f"warning: {what} {'are' if len(empty) > 1 else 'is'} empty ({counted}; {need}): prepared for "
+            "training only, as --allow_empty_splits asks; training needs a validation split")
+        return
+    raise UsageError(f"{what} would be empty: {counted}, and {need}; add data, "
+                     "lower --train_size or change --validation_share, give rows a split column "
+                     "(train/validation/test), or pass --allow_empty_splits to prepare training data only")
+
+
 def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     """Read, convert, de-duplicate, split, measure and write a processed dataset. Returns the metadata."""
     t0 = time.time()
@@ -107,9 +141,7 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     if not kept:
         raise UsageError(f"every prompt is longer than --max_length {cfg.max_length}; raise --max_length")
     splits = split_records(kept, cfg.train_size, cfg.validation_share, cfg.seed)
-    for name in ("train",):
-        if not splits[name]:
-            raise UsageError(f"the '{name}' split is empty ({len(kept)} usable rows); add data or change --train_size")
+    _check_splits(splits, cfg, len(rows), len(kept), log)
 
     n_tokens = [r["_tok"]["n_tokens"] for r in kept]
     metadata = {

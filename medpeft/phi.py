@@ -41,16 +41,32 @@ PATTERNS = [
 ]
 
 
+# Phone-shaped in North American form, whether or not the number is assigned (libphonenumber's VALID test rejects
+# unassigned exchanges such as 555-201-7789, and a missed identifier costs far more than a false alarm): an
+# optional +1, a 3-digit area code (bracketed or followed by a separator), 3 digits, a separator, 4 digits, an
+# optional extension. Clinical values do not take this shape (doses and lab values carry units or decimals, ranges
+# and dates have other group sizes); ten digits in a row count only after a word that says phone.
+_EXTENSION = r"(?:\s*(?:x|ext\.?|extension)\s*\d{1,6})?"
+_UNIT = r"(?:(?:mg|mcg|µg|ug|g|kg|ml|l|iu|units?|mmol|mol|meq|cells|copies|cpm|bpm|mmhg)\b|%)"  # a measured value
+PHONE_SHAPED = re.compile(r"(?i)(?<![\w/.-])(?:\+?1[\s.-]?)?(?:\(\d{3}\)\s?|\d{3}[\s.-])\d{3}[\s.-]\d{4}"
+                          + _EXTENSION + r"(?![\w/]|[.-]\d)(?!\s*" + _UNIT + r")")
+PHONE_DIGITS = re.compile(r"\b(?:phone|tel|telephone|call|cell|mobile|fax|contact|reach(?:ed)?(?: at)?|number)"
+                          r"\W{0,3}(?:\w+\W{1,3}){0,2}?(\+?1?\d{10})" + _EXTENSION + r"\b", re.IGNORECASE)
+
+
 def _phones(text: str, taken: list[tuple[int, int]]) -> list[tuple[int, int, str]]:
+    """Phone numbers libphonenumber finds (any country it can parse), and phone-shaped ones it rejects."""
     if sum(c.isdigit() for c in text) < 7:
         return []
     import phonenumbers
 
-    found = []
-    for match in phonenumbers.PhoneNumberMatcher(text, "US", leniency=phonenumbers.Leniency.VALID):
-        span = (match.start, match.end)
-        if not any(a < span[1] and span[0] < b for a, b in taken):
-            found.append((match.start, match.end, "PHONE"))
+    spans = [(m.start, m.end) for m in phonenumbers.PhoneNumberMatcher(text, "US", leniency=phonenumbers.Leniency.VALID)]
+    spans += [m.span() for m in PHONE_SHAPED.finditer(text)]
+    spans += [(m.start(1), m.end()) for m in PHONE_DIGITS.finditer(text)]
+    found: list[tuple[int, int, str]] = []
+    for start, end in sorted(spans, key=lambda s: (s[0], -s[1])):  # the longest of spans that start together
+        if not any(a < end and start < b for a, b in taken) and not any(a < end and start < b for a, b, _ in found):
+            found.append((start, end, "PHONE"))
     return found
 
 

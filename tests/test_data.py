@@ -7,6 +7,7 @@ import pandas as pd
 import pytest
 
 from conftest import qa_rows, write_jsonl
+from medpeft.cli import run
 from medpeft.config import PrepareConfig
 from medpeft.data import prepare
 from medpeft.records import normalise
@@ -16,6 +17,7 @@ from medpeft.sample_data import SAMPLE_PATH
 
 
 def run_prepare(tmp_path, tiny_model, input_data, **kw):
+    kw.setdefault("allow_empty_splits", True)  # a few rows, to see how they are read: splits are tested below
     out = tmp_path / "out"
     meta = prepare(PrepareConfig(input_data=str(input_data), output_dir=str(out), model_name=tiny_model, **kw),
                    log=lambda *a: None)
@@ -237,3 +239,39 @@ def test_json_lines_saved_as_json_are_read(tmp_path, tiny_model):
     path.write_text("".join(json.dumps(r) + "\n" for r in qa_rows(10)))
     meta, _ = run_prepare(tmp_path, tiny_model, path)
     assert meta["rows"]["kept"] == 10
+
+
+def test_empty_validation_or_test_split_is_an_error_that_says_what_would_do(tmp_path, tiny_model, capsys):
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps({"question": "What is fever?", "answer": 1}))
+    out = tmp_path / "out"
+    code = run(["prepare", "--input_data", str(data), "--output_dir", str(out), "--model_name", tiny_model])
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1 and not out.exists()
+    assert "the validation split and the test split would be empty: 1 usable row of 1 read" in err
+    assert "needs at least 8 rows" in err and "--allow_empty_splits" in err
+
+
+def test_allow_empty_splits_prepares_training_data_with_a_warning(tmp_path, tiny_model, capsys):
+    data = tmp_path / "one.json"
+    data.write_text(json.dumps({"question": "What is fever?", "answer": 1}))
+    out = tmp_path / "out"
+    assert run(["prepare", "--input_data", str(data), "--output_dir", str(out), "--model_name", tiny_model,
+                "--allow_empty_splits"]) == 0
+    assert "warning: the validation split and the test split are empty" in capsys.readouterr().out
+    meta = json.loads((out / "metadata.json").read_text())
+    assert meta["counts"] == {"train": 1, "validation": 0, "test": 0}
+
+
+@pytest.mark.parametrize("train_size,validation_share", [(0.8, 0.5), (0.5, 0.5), (0.9, 0.3), (0.6, 0.9)])
+def test_the_fewest_rows_the_error_names_are_enough_and_one_fewer_is_not(train_size, validation_share):
+    from medpeft.data import smallest_sizes
+    from medpeft.records import split_records
+
+    def sizes(n):
+        records = [{"question": f"question number {i}", "answer": "a"} for i in range(n)]
+        return {k: len(v) for k, v in split_records(records, train_size, validation_share, seed=0).items()}
+
+    n = smallest_sizes(train_size, validation_share)
+    assert all(sizes(n).values()), sizes(n)
+    assert not all(sizes(n - 1).values()), sizes(n - 1)
