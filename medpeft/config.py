@@ -50,6 +50,10 @@ class PrepareConfig:
                                               "(list, dict letter->text, or JSON of either)")
     system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_rows: int = opt(-1, "read at most this many rows (-1 = all)")
+    shorten_context: str = opt("middle", "a prompt too long for --max_length loses part of its context (the "
+                                         "passage or abstract before the question), never its question, options "
+                                         "or answer: middle = keep its start and end, end = keep its start, off = "
+                                         "drop the row instead", ["middle", "end", "off"])
     allow_empty_splits: bool = opt(False, "prepare even when the validation or test split comes out empty "
                                           "(training data only), with a warning; otherwise that is an error")
     debug: int = opt(0, "print this many processed examples with their tokens coloured by label mask")
@@ -352,4 +356,39 @@ class EvalConfig:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_samples == 0 or self.max_samples < -1:
             problems.append(f"--max_samples must be positive or -1 (all), got {self.max_samples}")
+        return problems
+
+
+@dataclass
+class BenchConfig:
+    base_model: str = opt(DEFAULT_MODEL, "the base model every trained output is compared with")
+    qlora_model: Optional[str] = opt(None, "output directory of qlora/train_qlora.py")
+    adapter_model: Optional[str] = opt(None, "output directory of adapter_tuning/train_adapter.py")
+    ptuning_model: Optional[str] = opt(None, "output directory of p_tuning/train_ptuning.py")
+    tasks: str = opt("medical", "lm-eval tasks or groups, comma-separated: medical (the Open Medical-LLM "
+                                "Leaderboard's: pubmedqa, medqa_4options, medmcqa, six MMLU subjects), medical_local "
+                                "(medqa_local, medmcqa_local, pubmedqa_local: files in --data_dir), or task names")
+    general_tasks: str = opt("", "general tasks for the forgetting check, shown apart: general (arc_easy and two "
+                                 "non-medical MMLU subjects), general_local (general_test.jsonl in --data_dir)")
+    tasks_dir: Optional[str] = opt(None, "a folder of your own lm-eval task YAML files")
+    data_dir: Optional[str] = opt(None, "folder holding the local tasks' files (medqa_test.jsonl, "
+                                        "medmcqa_test.jsonl, pubmedqa_test.jsonl, general_test.jsonl)")
+    limit: int = opt(-1, "items per task (-1 = all)")
+    batch_size: int = opt(8, "sequences per forward pass")
+    max_length: int = opt(2048, "longest prompt + answer in tokens; longer ones lose their start (lm-eval's way)")
+    output_file: str = opt("evaluation_results.json", "results JSON (a 'bench' section is added to an existing one); "
+                                                      "report.md and report.html go beside it")
+    seed: int = opt(42, "seed of lm-eval and of the paired bootstrap")
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    dtype: str = opt("auto", "compute dtype (auto = bf16 on a GPU and on a CPU with native bf16, float32 on other "
+                             "CPUs; tuned models as trained)", ["auto", "float32", "bfloat16"])
+
+    def validate(self) -> list[str]:
+        problems = [f"--{n} must be positive, got {getattr(self, n)}" for n in ("batch_size", "max_length")
+                    if getattr(self, n) <= 0]
+        if self.limit == 0 or self.limit < -1:
+            problems.append(f"--limit must be positive or -1 (all), got {self.limit}")
+        for flag in ("tasks_dir", "data_dir"):
+            if getattr(self, flag) and not Path(getattr(self, flag)).is_dir():
+                problems.append(f"--{flag}: '{getattr(self, flag)}' is not a folder")
         return problems

@@ -21,7 +21,7 @@ from .errors import UsageError
 from .modeling import load_tokenizer, resolve_model
 from .outputs import publish_dir
 from .readers import SPLIT_ALIASES, read_rows
-from .records import cell_text, detect_schema, normalise, split_records, to_record
+from .records import SPLITS, cell_text, detect_schema, normalise, shorten_context, split_records, to_record
 from .tokens import length_stats, show_tokens, tokenize_records
 
 
@@ -89,6 +89,38 @@ def _check_splits(splits: dict, cfg, rows_read: int, usable: int, log) -> None:
                      "(train/validation/test), or pass --allow_empty_splits to prepare training data only")
 
 
+ELLIPSIS = " […] "
+
+
+def _cut(tokenizer, ids: list[int], keep: int, how: str) -> str:
+    """`keep` of a context's tokens as text: its start (end) or its start and end (middle), marked where cut."""
+    def text(part):
+        return tokenizer.decode(part, skip_special_tokens=True).strip("\ufffd")  # no half character at a cut
+
+    if keep <= 0:
+        return ELLIPSIS.strip()
+    if how == "end":
+        return text(ids[:keep]).rstrip() + ELLIPSIS.rstrip()
+    head = (keep + 1) // 2
+    return text(ids[:head]).rstrip() + ELLIPSIS + text(ids[len(ids) - (keep - head):]).lstrip()
+
+
+def fit_context(rec: dict, tok: dict, tokenizer, max_length: int, how: str) -> tuple[dict, dict]:
+    """A record too long for max_length with its context shortened until prompt and whole answer fit (or the
+    context is gone): (record, its tokens). Question, options and answer are never cut here."""
+    ids = tokenizer(rec["context"], add_special_tokens=False)["input_ids"]
+    keep = len(ids) - (tok["n_tokens"] - max_length) - len(tokenizer(ELLIPSIS, add_special_tokens=False)["input_ids"])
+    for _ in range(20):  # decoding and re-tokenising a cut moves a few tokens: shrink by the overshoot
+        keep = max(keep, 0)
+        fitted = shorten_context(rec, _cut(tokenizer, ids, keep, how))
+        fitted_tok = tokenize_records(tokenizer, [fitted], max_length)[0]
+        over = fitted_tok["n_tokens"] - max_length
+        if over <= 0 or keep == 0:
+            return fitted | {"context_kept": f"{keep} of {len(ids)} tokens"}, fitted_tok
+        keep -= over
+    return fitted, fitted_tok
+
+
 def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     """Read, convert, de-duplicate, split, measure and write a processed dataset. Returns the metadata."""
     t0 = time.time()
@@ -102,20 +134,26 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     phi_found = _screen_phi(rows, cfg.phi, log)
 
     dropped: Counter = Counter()
+    given: Counter = Counter()  # rows of each split the input defines
+    lost: dict[str, Counter] = {s: Counter() for s in SPLITS}  # ... and why some of them were not kept
     records, seen = [], set()
     used = {c for v in schema.describe().values() for c in (v if isinstance(v, list) else [v])} | {"split"}
     for i, row in enumerate(rows):
+        split = row.get("split")
+        split = SPLIT_ALIASES.get(str(split).strip().lower()) if split not in (None, "") else None
+        given[split] += 1
         rec, reason = to_record(row, schema, cfg.system_prompt)
         if rec is None:
             dropped[reason] += 1
+            lost.get(split, Counter())[reason] += 1
             continue
         key = (normalise(rec["question"]), normalise(rec["answer"]), rec["options"] and json.dumps(rec["options"]))
-        if key in seen:
+        if key in seen and split != "test":  # a benchmark's test items are all scored, repeats included
             dropped["duplicate of an earlier row"] += 1
+            lost.get(split, Counter())["duplicate of an earlier row"] += 1
             continue
         seen.add(key)
-        split = row.get("split")
-        rec["split"] = SPLIT_ALIASES.get(str(split).strip().lower()) if split not in (None, "") else None
+        rec["split"] = split
         rec["group"] = (cell_text(row.get(cfg.group_by)) or None) if cfg.group_by else None  # empty: no group
         rec["id"] = f"row-{i:06d}"
         extra = {k: v for k, v in row.items() if k not in used and k != cfg.group_by
@@ -129,19 +167,29 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
 
     tokenizer = load_tokenizer(resolve_model(cfg.model_name), cfg.trust_remote_code)
     tokens = tokenize_records(tokenizer, records, cfg.max_length)
-    kept, too_long = [], 0
+    kept, too_long = [], f"prompt alone reaches --max_length {cfg.max_length}"
     for rec, tok in zip(records, tokens):
+        if tok["truncated"] and rec.get("context") and cfg.shorten_context != "off":
+            rec, tok = fit_context(rec, tok, tokenizer, cfg.max_length, cfg.shorten_context)
         if not any(lab != -100 for lab in tok["labels"]):
-            too_long += 1
+            dropped[too_long + (" with its context shortened away" if rec.get("context_kept") else "")] += 1
+            lost.get(rec["split"], Counter())[too_long] += 1
             continue
         rec["_tok"] = tok
         kept.append(rec)
-    if too_long:
-        dropped[f"prompt alone reaches --max_length {cfg.max_length}"] += too_long
     if not kept:
         raise UsageError(f"every prompt is longer than --max_length {cfg.max_length}; raise --max_length")
+    shortened = sum("context_kept" in r for r in kept)
+    if shortened:
+        log(f"shortened the context of {shortened} rows to fit --max_length {cfg.max_length} "
+            f"(--shorten_context {cfg.shorten_context}; question, options and answer kept whole)")
     splits = split_records(kept, cfg.train_size, cfg.validation_share, cfg.seed)
     _check_splits(splits, cfg, len(rows), len(kept), log)
+    items = {s: {"given": given[s], "kept": sum(r["split"] == s for r in kept), "dropped_by_reason": dict(lost[s])}
+             for s in SPLITS if given[s]}
+    for s, n in items.items():
+        log(f"{s}: {n['kept']} of {n['given']} items the input puts in {s} kept" + (
+            "" if n["kept"] == n["given"] else f" (not kept: {', '.join(f'{c} {r}' for r, c in lost[s].items())})"))
 
     n_tokens = [r["_tok"]["n_tokens"] for r in kept]
     metadata = {
@@ -154,6 +202,9 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
         "rows": {"read": len(rows), "kept": len(kept), "dropped": sum(dropped.values()),
                  "dropped_by_reason": dict(dropped.most_common())},
         "counts": {s: len(v) for s, v in splits.items()},
+        "predefined_items": items,  # per split the input defines: its rows, those kept, why the others were not
+        "contexts_shortened": {"how": cfg.shorten_context,
+                               **{s: sum("context_kept" in r for r in v) for s, v in splits.items()}},
         "tokens": {"total": length_stats(n_tokens),
                    "answer": length_stats([sum(lab != -100 for lab in r["_tok"]["labels"]) for r in kept]),
                    "truncated": sum(r["_tok"]["truncated"] for r in kept),
@@ -166,7 +217,7 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
     try:
         for name, recs in splits.items():
-            clean = [{k: v for k, v in r.items() if k not in ("_tok", "split")} for r in recs]
+            clean = [{k: v for k, v in r.items() if not k.startswith("_") and k != "split"} for r in recs]
             (tmp / f"{name}.json").write_text(json.dumps(clean, ensure_ascii=False, indent=1), encoding="utf-8")
         metadata["seconds"] = round(time.time() - t0, 1)
         (tmp / "metadata.json").write_text(json.dumps(metadata, indent=2, ensure_ascii=False), encoding="utf-8")

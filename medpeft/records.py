@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import random
 import re
+from collections import Counter
 from dataclasses import dataclass
 
 from .errors import UsageError
@@ -270,11 +271,23 @@ def to_record(row: dict, schema: Schema, system_prompt: str) -> tuple[dict | Non
         if not answer:
             return None, "options missing or fewer than 2" if schema.kind == "multiple_choice" else "empty answer"
         prompt = question
-    if context:
-        prompt = f"{context}\n\n{prompt}"
-    rec.update(messages=system + [{"role": "user", "content": prompt}, {"role": "assistant", "content": answer}],
-               question=question, answer=answer)
+    rec.update(messages=system + [{"role": "user", "content": with_context(prompt, context)},
+                                  {"role": "assistant", "content": answer}],
+               question=question, answer=answer, context=context or None, _body=prompt)
     return rec, None
+
+
+def with_context(body: str, context: str | None) -> str:
+    """The user turn: the context (an abstract, a case) before the question and its options."""
+    return f"{context}\n\n{body}" if context else body
+
+
+def shorten_context(rec: dict, context: str) -> dict:
+    """The record with its context replaced (the user turn rebuilt around the same question and options)."""
+    messages = [dict(m) for m in rec["messages"]]
+    user = max(i for i, m in enumerate(messages) if m["role"] == "user")
+    messages[user]["content"] = with_context(rec["_body"], context)
+    return rec | {"messages": messages, "context": context}
 
 
 def normalise(text: str) -> str:
@@ -306,11 +319,15 @@ def split_records(records: list[dict], train_size: float, validation_share: floa
     fixed = {s: [] for s in SPLITS}
     free = []
     for members in groups.values():
-        wanted = {records[i].get("split") for i in members} - {None}
-        if len(wanted) == 1:
-            fixed[wanted.pop()].extend(members)
-        else:  # no predefined split, or a group the input itself let straddle: we place it
+        wanted = Counter(records[i].get("split") for i in members if records[i].get("split"))
+        if not wanted:
             free.append(members)
+            continue
+        # A benchmark's own split is its contract: every row stays where the input put it (even a question the
+        # input let straddle two splits; prepare counts those), and rows without one follow their group.
+        home = wanted.most_common(1)[0][0]
+        for i in members:
+            fixed[records[i].get("split") or home].append(i)
     random.Random(seed).shuffle(free)
     n_free = sum(len(g) for g in free)
     targets = {"train": max(1, round(n_free * train_size)) if n_free else 0}

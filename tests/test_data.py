@@ -6,6 +6,8 @@ import json
 import pandas as pd
 import pytest
 
+from medpeft.errors import UsageError
+
 from conftest import qa_rows, write_jsonl
 from medpeft.cli import run
 from medpeft.config import PrepareConfig
@@ -275,3 +277,70 @@ def test_the_fewest_rows_the_error_names_are_enough_and_one_fewer_is_not(train_s
     n = smallest_sizes(train_size, validation_share)
     assert all(sizes(n).values()), sizes(n)
     assert not all(sizes(n - 1).values()), sizes(n - 1)
+
+
+def _long_context_rows(tiny_model, n_test=6):
+    from medpeft.modeling import load_tokenizer
+
+    tok = load_tokenizer(tiny_model)
+    words = "The randomised trial enrolled adults with chronic kidney disease and measured outcomes".split()
+    rows = []
+    for i in range(n_test + 10):
+        context = " ".join(words[(i + k) % len(words)] for k in range(300 + 40 * i))  # 300 to 900 words
+        rows.append({"QUESTION": f"Does drug number {i} slow the decline of kidney function?",
+                     "CONTEXTS": [context], "final_decision": ["yes", "no", "maybe"][i % 3],
+                     "split": "test" if i < n_test else "train" if i < n_test + 7 else "validation"})
+    assert all(len(tok(r["CONTEXTS"][0])["input_ids"]) > 256 for r in rows)
+    return rows
+
+
+@pytest.mark.parametrize("how", ["middle", "end"])
+def test_a_long_context_is_shortened_and_question_options_answer_stay_whole(tmp_path, tiny_model, how):
+    rows = _long_context_rows(tiny_model)
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), max_length=256,
+                               shorten_context=how)
+    assert meta["rows"]["dropped"] == 0 and meta["tokens"]["truncated"] == 0 and meta["tokens"]["total"]["max"] <= 256
+    assert meta["predefined_items"]["test"] == {"given": 6, "kept": 6, "dropped_by_reason": {}}
+    assert meta["contexts_shortened"] == {"how": how, "train": 7, "validation": 3, "test": 6}
+    records = [r for split in splits.values() for r in split]
+    by_question = {r["QUESTION"]: r for r in rows}
+    for rec in records:
+        user = next(m["content"] for m in rec["messages"] if m["role"] == "user")
+        original = by_question[rec["question"]]["CONTEXTS"][0]
+        assert user.endswith(f"\n\n{rec['question']}\n\nAnswer yes, no or maybe.")  # question and instruction whole
+        assert rec["answer"] == by_question[rec["question"]]["final_decision"]  # and the answer
+        assert rec["messages"][-1]["content"] == rec["answer"]
+        kept = user[: -len(f"\n\n{rec['question']}\n\nAnswer yes, no or maybe.")]
+        assert "[…]" in kept and rec["context"] == kept and len(kept) < len(original)
+        head, _, tail = kept.partition(" […]")
+        assert original.startswith(head.strip())
+        if how == "middle":
+            assert original.endswith(tail.strip()) and tail.strip()
+        else:
+            assert tail == ""
+
+
+def test_a_predefined_test_row_is_kept_even_repeated_and_one_that_cannot_fit_is_counted(tmp_path, tiny_model):
+    rows = _long_context_rows(tiny_model)
+    rows.append(dict(rows[0]))  # the benchmark repeats an item: both are scored
+    rows.append({"QUESTION": "Is this question far too long? " + "very " * 400, "CONTEXTS": ["short"],
+                 "final_decision": "no", "split": "test"})  # not even the question fits
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), max_length=256)
+    test = splits["test"]
+    assert len(test) == 7 and meta["counts"]["test"] == 7
+    assert meta["predefined_items"]["test"]["given"] == 8 and meta["predefined_items"]["test"]["kept"] == 7
+    assert meta["predefined_items"]["test"]["dropped_by_reason"] == {"prompt alone reaches --max_length 256": 1}
+
+
+def test_a_question_the_input_puts_in_two_splits_stays_in_both(tmp_path, tiny_model):
+    rows = _long_context_rows(tiny_model)
+    rows.append(rows[0] | {"split": "train", "final_decision": "maybe"})  # the same question in train too
+    meta, _ = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), max_length=256)
+    assert meta["predefined_items"]["test"]["kept"] == 6 and meta["predefined_items"]["train"]["kept"] == 8
+
+
+def test_shorten_context_off_drops_the_row_as_before(tmp_path, tiny_model):
+    rows = _long_context_rows(tiny_model)
+    with pytest.raises(UsageError, match="every prompt is longer than --max_length 256"):
+        run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), max_length=256,
+                    shorten_context="off")
