@@ -23,7 +23,7 @@ demo: $(STAMP)
 	$(BIN)/python run_all.py --config medpeft/resources/demo.yaml
 
 $(TEST_STAMP): $(STAMP)
-	$(BIN)/python -m pip install -q pytest ruff pexpect selenium hypothesis 2>&1 | grep -v "is ignored: it is neither" || true
+	$(BIN)/python -m pip install -q pytest ruff pexpect selenium hypothesis lm-eval==0.4.13 2>&1 | grep -v "is ignored: it is neither" || true
 	touch $@
 
 lint: $(TEST_STAMP)

@@ -14,12 +14,13 @@ import warnings
 from typing import Optional
 
 from . import config, data, inference, methods, pipeline
+from .bench import run_bench
 from .distributed import is_main_process, launch, local_rank
 from .errors import TrainingStopped, UsageError
 from .evaluation import run_evaluation
 from .export import merge
 from .pipeline import DEMO_CONFIG
-from .report import COLUMNS, recommend_lines, summary_rows, write_report
+from .report import COLUMNS, bench_lines, classification_lines, recommend_lines, summary_rows, write_report
 from .training import train
 
 SUBCOMMANDS = {
@@ -31,6 +32,7 @@ SUBCOMMANDS = {
     "generate": "answers to --prompt or to every question of --input, from a base or tuned model",
     "chat": "talk to a base or tuned model in the terminal (streamed answers)",
     "recommend": "rank the evaluated methods that fit a memory budget",
+    "bench": "standard benchmarks (lm-evaluation-harness) for the base model and every trained output",
 }
 
 
@@ -99,7 +101,8 @@ def cmd_train(argv, prog, method_name=None):
 
 
 def print_summary(results: dict) -> None:
-    keep = ["model", "status", "loss", "ROUGE-L [95% CI]", "MC acc. log-lik [95% CI]", "gain vs base",
+    keep = ["model", "status", "loss", "ROUGE-L [95% CI]", "MC acc. option text [95% CI]", "MC macro-F1",
+            "gain vs base", "gain vs majority",
             "trainable params", "train s", "peak mem GB", "s/answer"]
     idx = [i for i, (h, _) in enumerate(COLUMNS) if h in keep]
     rows = [[COLUMNS[i][0] for i in idx]] + [[r[i] for i in idx] for r in summary_rows(results)]
@@ -108,6 +111,14 @@ def print_summary(results: dict) -> None:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)))
         if n == 0:
             print("  ".join("-" * w for w in widths))
+    if (results.get("coverage") or {}).get("line"):
+        print(f"coverage: {results['coverage']['line']}")
+    for line in classification_lines(results)[:1]:  # the majority-class baseline
+        print(line)
+    collapsed = [e["name"] for e in results["models"].values()
+                 if ((e.get("choice") or {}).get("picks") or {}).get("loglik", {}).get("collapsed")]
+    if collapsed:
+        print(f"collapsed onto one label (over 90% of picks): {', '.join(collapsed)}")
 
 
 def cmd_evaluate(argv, prog):
@@ -117,6 +128,17 @@ def cmd_evaluate(argv, prog):
     results = run_evaluation(cfg)
     md, page = write_report(results, Path(cfg.output_file).parent)
     print_summary(results)
+    print(f"wrote {cfg.output_file}, {md}, {page}")
+    return 0
+
+
+def cmd_bench(argv, prog):
+    from pathlib import Path
+
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["bench"], [config.BenchConfig])
+    results = run_bench(cfg)
+    md, page = write_report(results, Path(cfg.output_file).parent)
+    print("\n".join(bench_lines(results)))
     print(f"wrote {cfg.output_file}, {md}, {page}")
     return 0
 
@@ -208,6 +230,8 @@ def run(argv, prog="medpeft", command=None, method=None) -> int:
             return cmd_generate(argv, prog, interactive=command == "chat")
         if command == "recommend":
             return cmd_recommend(argv, prog)
+        if command == "bench":
+            return cmd_bench(argv, prog)
         raise UsageError(f"{prog}: unknown command '{command}'; commands: {', '.join(SUBCOMMANDS)}")
     except UsageError as exc:
         fresh_line = "\n" if isinstance(exc, TrainingStopped) else ""  # after a progress bar cut short

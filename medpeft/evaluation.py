@@ -3,13 +3,20 @@
     evaluate(cfg)  ->  evaluation_results.json  (schema below) + report.md / report.html (see report.py)
 
 evaluation_results.json:
-    {"schema_version": 1, "created": ..., "test_data": ..., "settings": {...}, "versions": {...},
+    {"schema_version": 2, "created": ..., "test_data": ..., "settings": {...}, "versions": {...},
+     "coverage": {"input_test_items", "test_file_items", "evaluated", "line": "N of M test items scored", ...},
+     "majority_baseline": {"label", "source", "prior", "test_prior", "accuracy", "accuracy_ci", "macro_f1"},
+     "scoring": {what each figure is and how it was computed}, "bench": {...} (medpeft bench, bench.py),
      "models": {"base": {...}, "qlora": {...}, ...}}          one entry per model, each:
         {"name", "path", "status": "ok" | "failed", "error": null | "one line",
          "loss": {"loss", "perplexity", "tokens", "examples"},
          "generation": {"rouge1", "rouge2", "rougeL", "bleu", "token_f1", "rougeL_ci": [lo, hi], "items"},
-         "choice": {"items", "accuracy_loglik", "accuracy_loglik_ci", "macro_f1_loglik",
-                    "accuracy_generate", "accuracy_generate_ci", "macro_f1_generate", "unparseable_rate"},
+         "choice": {"items", "accuracy_loglik", "accuracy_loglik_ci", "macro_f1_loglik",       option-text scoring
+                    "accuracy_letter", "accuracy_letter_ci", "macro_f1_letter",          lm-eval's letter format
+                    "accuracy_generate", "accuracy_generate_ci", "macro_f1_generate", "unparseable_rate",
+                    "picks": {"loglik"|"letter"|"generate": {"predicted", "confusion", "collapsed", ...}},
+                    "gain_vs_base[_letter]", "..._ci", "gain_significant[_letter]",
+                    "gain_vs_majority[_letter]", "..._ci", "gain_vs_majority_significant[_letter]"},
          "efficiency": {"trainable_parameters", "size_bytes", "train_runtime_s", "train_tokens_per_s",
                         "peak_memory_gb", "latency_s_per_answer", "generated_tokens_per_s",
                         "merged_latency_s_per_answer", "merged_generated_tokens_per_s"},
@@ -22,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import gc
+import json
 import random
 import time
 from pathlib import Path
@@ -30,11 +38,14 @@ import torch
 
 from .data import read_processed
 from .errors import UsageError
+from .classification import COLLAPSE_SHARE, majority, paired, picks
+from .harness import letter_picks
 from .metrics import bootstrap_ci, macro_f1, parse_choice, text_metrics
 from .modeling import default_device, load_model, load_tokenizer, model_compute_dtype, resolve_model
 from .outputs import library_versions, load_trained, read_metrics, read_run, signature_differences, update_card, \
     write_json
 from .precision import explain, resolve, short
+from .records import LETTERS
 from .scoring import loss_summary, score_and_generate
 
 
@@ -57,20 +68,22 @@ def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dic
         result["generation"] = summary
     if choice:
         gold = [r["label"] for r in choice]
+        labels = choice_labels(choice)
         loglik = [max(sc, key=sc.get) for sc in (options_by_id[id(r)] for r in choice)]
         parsed = [parse_choice(by_id[id(r)], r["options"]) for r in choice]
-        hits_ll = [float(p == g) for p, g in zip(loglik, gold)]
-        hits_gen = [float(p == g) for p, g in zip(parsed, gold)]
+        letter = letter_picks(model, tokenizer, choice, batch_size=cfg.batch_size, desc=f"{desc} letters")
+        hits = {name: [float(p == g) for p, g in zip(picked, gold)]
+                for name, picked in (("loglik", loglik), ("generate", parsed), ("letter", letter))}
         result["choice"] = {
             "items": len(choice),
-            "accuracy_loglik": round(sum(hits_ll) / len(choice), 4),
-            "accuracy_loglik_ci": bootstrap_ci(hits_ll, seed=cfg.seed),
-            "macro_f1_loglik": macro_f1(loglik, gold),
-            "accuracy_generate": round(sum(hits_gen) / len(choice), 4),
-            "accuracy_generate_ci": bootstrap_ci(hits_gen, seed=cfg.seed),
-            "macro_f1_generate": macro_f1(parsed, gold),
+            **{key: value for name, picked in (("loglik", loglik), ("generate", parsed), ("letter", letter))
+               for key, value in ((f"accuracy_{name}", round(sum(hits[name]) / len(choice), 4)),
+                                  (f"accuracy_{name}_ci", bootstrap_ci(hits[name], seed=cfg.seed)),
+                                  (f"macro_f1_{name}", macro_f1(picked, gold)))},
             "unparseable_rate": round(sum(p is None for p in parsed) / len(choice), 4),
-            "hits_loglik": hits_ll,
+            "picks": {name: picks(picked, gold, labels) for name, picked in
+                      (("loglik", loglik), ("letter", letter), ("generate", parsed))},
+            "hits_loglik": hits["loglik"], "hits_letter": hits["letter"],
         }
     result["efficiency"] = dict(timing)
     result["samples"] = [{"question": r["question"], "reference": r["answer"], "answer": by_id[id(r)]}
@@ -83,6 +96,11 @@ def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dic
 METHOD_FLAGS = (("qlora", "qlora_model"), ("adapter", "adapter_model"), ("ptuning", "ptuning_model"))
 
 
+def choice_labels(records: list[dict]) -> list[str]:
+    """The labels multiple-choice records pick among: their option letters, in order."""
+    return sorted({k for r in records for k in r["options"]}, key=LETTERS.index)
+
+
 def load_test_records(path: str, max_samples: int, seed: int) -> list[dict]:
     records = read_processed(Path(path), "--test_data")
     if not records:
@@ -90,6 +108,42 @@ def load_test_records(path: str, max_samples: int, seed: int) -> list[dict]:
     if 0 < max_samples < len(records):
         records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), max_samples))]
     return records
+
+
+def coverage(path: str, records: list[dict], cfg) -> dict:
+    """How many test items there were and how many were scored, from the input file to the evaluation: the
+    input's own test split (prepare's metadata.json, when it defines one), the test file, the evaluated subset."""
+    in_file = len(read_processed(Path(path), "--test_data"))
+    meta_path = Path(path).parent / "metadata.json"
+    meta = json.loads(meta_path.read_text(encoding="utf-8")) if meta_path.is_file() else {}
+    given = (meta.get("predefined_items") or {}).get("test")
+    out = {"input_test_items": given["given"] if given else None,
+           "not_kept_by_prepare": given["dropped_by_reason"] if given else {},
+           "test_file_items": in_file, "evaluated": len(records),
+           "sampled": len(records) < in_file, "seed": cfg.seed if len(records) < in_file else None,
+           "contexts_shortened": sum("context_kept" in r for r in records)}
+    total = out["input_test_items"] or in_file
+    out["line"] = (f"{len(records)} of {total} test items scored" + (
+        f" (the input's test split had {total}; prepare kept {in_file})" if given and in_file != total else "") + (
+        f" (a sample drawn with seed {cfg.seed}; --max_samples -1 scores all {in_file})" if out["sampled"] else "")
+        + (f"; {out['contexts_shortened']} with their context shortened to fit" if out["contexts_shortened"] else ""))
+    return out
+
+
+def baseline(path: str, records: list[dict]) -> dict | None:
+    """The majority-class baseline of the multiple-choice items: the most frequent label of the training split
+    beside the test file (the test file's own when there is none), always given."""
+    choice = [r for r in records if r.get("options")]
+    if not choice:
+        return None
+    train_path = Path(path).parent / "train.json"
+    prior = [r["label"] for r in read_processed(train_path, "--test_data") if r.get("options")] \
+        if train_path.is_file() else []
+    source = "the training split" if prior else "the test items (no training split beside the test file)"
+    labels = choice_labels(choice)
+    shared = all(r["options"] == choice[0]["options"] for r in choice)  # e.g. yes/no/maybe: name labels by text
+    return majority(prior or [r["label"] for r in choice], [r["label"] for r in choice], labels, source) | {
+        "names": {k: choice[0]["options"][k] if shared else k for k in labels}}
 
 
 def _one_line(exc: BaseException) -> str:
@@ -139,12 +193,16 @@ def _merged_speed(model, tokenizer, records, cfg) -> dict:
     return _speed_of(model.merge_and_unload(), tokenizer, records, cfg, "merged") if _is_lora(model) else {}
 
 
-def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str | None = None) -> dict:
-    """Evaluate the base model and every fine-tuned model given on the same test items; write the results."""
-    records = load_test_records(cfg.test_data, cfg.max_samples, cfg.seed)
-    targets = [("base", cfg.base_model)] + [(m, getattr(cfg, f)) for m, f in METHOD_FLAGS if getattr(cfg, f)]
+def targets_of(cfg) -> list[tuple[str, str]]:
+    """(name, path) of the base model and of every trained output given (--qlora_model, ...)."""
+    return [("base", cfg.base_model)] + [(m, getattr(cfg, f)) for m, f in METHOD_FLAGS if getattr(cfg, f)]
+
+
+def check_outputs(cfg, targets: list[tuple[str, str]], log=print) -> None:
+    """Refuse a half-written, foreign or mismatched output before loading a model: each must be the named
+    method's finished output, trained on --base_model (or on a model of the same shape)."""
     resolved_base = resolve_model(cfg.base_model)
-    for name, path in targets[1:]:  # refuse a half-written, foreign or mismatched output before loading a model
+    for name, path in targets[1:]:
         run = read_run(path)
         if run["method"] != name:
             raise UsageError(f"--{name}_model: '{path}' holds the output of {run['method']}, not {name}; pass it "
@@ -160,27 +218,43 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
                                  f"--base_model '{cfg.base_model}' ({', '.join(differences)}); compare it with "
                                  "its own base")
             log(f"note: {name} was trained on '{trained_on}'; --base_model '{cfg.base_model}' has the same shape")
+
+
+def load_target(name: str, path: str, cfg) -> tuple[object, object, dict]:
+    """(model, tokenizer, what to record of it) of the base model or of a trained output, for scoring."""
+    if name == "base":
+        resolved = resolve_model(cfg.base_model)
+        tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
+        model = load_model(resolved, device=default_device(), trust_remote_code=cfg.trust_remote_code,
+                           dtype=resolve(cfg.dtype, default_device()))
+        return model, tokenizer, {}
+    model, tokenizer, run = load_trained(path, dequantize=default_device() == "cpu",
+                                         dtype=None if cfg.dtype == "auto" else cfg.dtype)
+    extra = {"settings": run["settings"]}
+    if default_device() == "cpu" and run["settings"].get("load_in_4bit"):
+        extra["note"] = (f"4-bit base evaluated as {short(model_compute_dtype(model))} layers holding the same "
+                         "values (CPU speed)")
+    return model, tokenizer, extra
+
+
+def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str | None = None) -> dict:
+    """Evaluate the base model and every fine-tuned model given on the same test items; write the results."""
+    records = load_test_records(cfg.test_data, cfg.max_samples, cfg.seed)
+    targets = targets_of(cfg)
+    check_outputs(cfg, targets, log)
     n_choice = sum(bool(r.get("options")) for r in records)
-    log(f"evaluating {len(targets)} models on {len(records)} test items ({n_choice} multiple choice)")
+    cover = coverage(cfg.test_data, records, cfg)
+    log(f"evaluating {len(targets)} models on {len(records)} test items ({n_choice} multiple choice): "
+        f"{cover['line']}")
     log(explain(cfg.dtype, default_device()))
     results = {}
     for name, path in targets:
         entry = {"name": name, "path": path, "status": "ok", "error": None}
         model = None
         try:
-            if name == "base":
-                tokenizer = load_tokenizer(resolved_base, cfg.trust_remote_code)
-                model = load_model(resolved_base, device=default_device(), trust_remote_code=cfg.trust_remote_code,
-                                   dtype=resolve(cfg.dtype, default_device()))
-                efficiency, training = {}, None
-            else:
-                model, tokenizer, run = load_trained(path, dequantize=default_device() == "cpu",
-                                                     dtype=None if cfg.dtype == "auto" else cfg.dtype)
-                if default_device() == "cpu" and run["settings"].get("load_in_4bit"):
-                    entry["note"] = (f"4-bit base evaluated as {short(model_compute_dtype(model))} layers holding "
-                                     "the same values (CPU speed)")
-                efficiency, training = _efficiency_from_training(path)
-                entry["settings"] = run["settings"]
+            model, tokenizer, extra = load_target(name, path, cfg)
+            entry.update(extra)
+            efficiency, training = _efficiency_from_training(path) if name != "base" else ({}, None)
             started = time.time()
             model, other_speed = _merge_for_evaluation(model, tokenizer, records, cfg)
             if other_speed:
@@ -218,10 +292,13 @@ def run_evaluation(cfg, log=print, failed: dict | None = None, fingerprint: str 
         results[name] = entry
     for name, error in (failed or {}).items():  # methods whose training failed (run_all)
         results[name] = {"name": name, "path": None, "status": "failed", "error": f"training failed: {error}"}
-    _add_significance(results)
-    out = {"schema_version": 1, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "test_data": cfg.test_data,
-           "test_items": len(records), "choice_items": n_choice, "settings": dataclasses.asdict(cfg),
-           "versions": library_versions(), "fingerprint": fingerprint, "models": results}
+    majority_baseline = baseline(cfg.test_data, records)
+    _add_significance(results, majority_baseline)
+    out = {"schema_version": 2, "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "test_data": cfg.test_data,
+           "test_items": len(records), "choice_items": n_choice, "coverage": cover,
+           "majority_baseline": majority_baseline, "scoring": SCORING,
+           "settings": dataclasses.asdict(cfg), "versions": library_versions(), "fingerprint": fingerprint,
+           "models": results}
     path = Path(cfg.output_file)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json(path, out)
@@ -232,23 +309,45 @@ def _card_figures(entry: dict) -> dict:
     """What a model card shows of an evaluation: loss, generation and choice figures (no per-item hits)."""
     figures = {k: entry[k] for k in ("loss", "generation") if k in entry}
     if "choice" in entry:
-        figures["choice"] = {k: v for k, v in entry["choice"].items() if k != "hits_loglik"}
+        figures["choice"] = {k: v for k, v in entry["choice"].items() if not k.startswith("hits_")}
     return figures
 
 
-def _add_significance(results: dict) -> None:
-    """Per method: is its multiple-choice accuracy's gain over the base outside the base's 95% interval,
-    and a paired bootstrap interval of the difference."""
+SCORING = {
+    "loss": "mean cross-entropy per answer token of the reference answer, after the chat-template prompt",
+    "accuracy_loglik": "option-text scoring: the option whose text has the highest mean log-probability per "
+                       "token as the start of the answer, after the chat-template prompt listing the options",
+    "accuracy_letter": "letter scoring, lm-evaluation-harness's zero-shot format and its acc: no chat template; "
+                       "'Question: ...\\nA. ...\\nAnswer:' followed by ' A', ' B', ... (PubMedQA: 'Abstract: "
+                       "...\\nQuestion: ...\\nAnswer:' followed by ' yes', ' no', ' maybe'); the highest summed "
+                       "log-likelihood wins",
+    "accuracy_generate": "the option a greedy answer names (a letter, or exactly one option's text)",
+    "macro_f1": "the mean over the labels of each label's F1 (a constant answer scores low here however "
+                "frequent its label)",
+    "majority_baseline": "always answering the most frequent label of the training split",
+    "gain_ci": "95% paired bootstrap interval (1,000 resamples of the same items) of the accuracy difference",
+    "collapsed": f"one label predicted for more than {COLLAPSE_SHARE:.0%} of the items",
+}
+
+
+def _add_significance(results: dict, majority_baseline: dict | None) -> None:
+    """Per method and scoring: the paired bootstrap of its accuracy against the base model's on the same items,
+    and every model's against always answering the majority label."""
     base = results.get("base", {}).get("choice")
     for name, entry in results.items():
         mine = entry.get("choice")
-        if name == "base" or not base or not mine:
+        if not mine:
             continue
-        diffs = [a - b for a, b in zip(mine["hits_loglik"], base["hits_loglik"])]
-        ci = bootstrap_ci(diffs)
-        mine["gain_vs_base"] = round(sum(diffs) / len(diffs), 4)
-        mine["gain_vs_base_ci"] = ci
-        mine["gain_significant"] = ci[0] > 0 or ci[1] < 0
+        for scoring in ("loglik", "letter"):
+            suffix = "" if scoring == "loglik" else "_letter"  # the option-text keys keep their first names
+            if name != "base" and base:
+                vs = paired(mine[f"hits_{scoring}"], base[f"hits_{scoring}"])
+                mine |= {f"gain_vs_base{suffix}": vs["gain"], f"gain_vs_base{suffix}_ci": vs["ci"],
+                         f"gain_significant{suffix}": vs["significant"]}
+            if majority_baseline:
+                vs = paired(mine[f"hits_{scoring}"], majority_baseline["hits"])
+                mine |= {f"gain_vs_majority{suffix}": vs["gain"], f"gain_vs_majority{suffix}_ci": vs["ci"],
+                         f"gain_vs_majority_significant{suffix}": vs["significant"]}
 
 
 def _summary_line(entry: dict) -> str:
@@ -256,6 +355,10 @@ def _summary_line(entry: dict) -> str:
     if "generation" in entry:
         parts.append(f"ROUGE-L {entry['generation']['rougeL']:.3f}")
     if "choice" in entry:
-        parts.append(f"MC accuracy {entry['choice']['accuracy_loglik']:.3f} (log-lik), "
-                     f"{entry['choice']['accuracy_generate']:.3f} (generated)")
+        c = entry["choice"]
+        parts.append(f"MC accuracy {c['accuracy_loglik']:.3f} (option text), {c['accuracy_letter']:.3f} (letters, "
+                     f"lm-eval format), {c['accuracy_generate']:.3f} (generated); macro-F1 {c['macro_f1_loglik']:.3f}")
+        if c["picks"]["loglik"]["collapsed"]:
+            parts.append(f"collapsed: {c['picks']['loglik']['collapsed_share']:.0%} of its option-text picks are "
+                         f"'{c['picks']['loglik']['collapsed']}'")
     return "; ".join(parts)

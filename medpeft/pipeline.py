@@ -26,7 +26,8 @@ from typing import Optional
 import yaml
 
 from . import config, methods
-from .config import DEFAULT_SYSTEM_PROMPT, EvalConfig, PrepareConfig, TrainConfig, opt
+from .bench import run_bench
+from .config import DEFAULT_SYSTEM_PROMPT, BenchConfig, EvalConfig, PrepareConfig, TrainConfig, opt
 from .data import prepare
 from .distributed import launch
 from .errors import UsageError
@@ -52,6 +53,11 @@ class RunConfig:
     eval_batch_size: int = opt(16, "sequences per batch in the evaluation (generation is faster in larger batches)")
     system_prompt: str = opt(DEFAULT_SYSTEM_PROMPT, "system prompt put before every question ('' for none)")
     max_new_tokens: int = opt(128, "longest generated answer in the evaluation")
+    bench: str = opt("", "after the evaluation, lm-eval tasks or groups to run on every model (medpeft bench "
+                         "--tasks), e.g. medical or medical_local; empty = none")
+    bench_general: str = opt("", "general tasks for the forgetting check (medpeft bench --general_tasks)")
+    bench_data_dir: Optional[str] = opt(None, "folder of the local tasks' files (medpeft bench --data_dir)")
+    bench_limit: int = opt(-1, "items per benchmark task (-1 = all)")
 
     def validate(self) -> list[str]:
         unknown = [m for m in self.method_list() if m not in methods.NAMES]
@@ -73,6 +79,7 @@ class Plan:
     stages: dict  # method name -> (TrainConfig, the method's Options)
     evaluate: EvalConfig
     num_gpus: int
+    bench: BenchConfig | None = None
 
 
 def plan(argv, prog: str = "run_all.py", description: str = "prepare, train every method, evaluate, report") -> Plan:
@@ -103,10 +110,14 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
                           batch_size=run.eval_batch_size, max_new_tokens=run.max_new_tokens,
                           max_length=top.max_length, seed=top.seed, dtype=top.dtype,
                           trust_remote_code=top.trust_remote_code)
+    bench = BenchConfig(base_model=top.model_name, tasks=run.bench, general_tasks=run.bench_general,
+                        data_dir=run.bench_data_dir, limit=run.bench_limit, batch_size=run.eval_batch_size,
+                        output_file=evaluate.output_file, seed=top.seed, dtype=top.dtype,
+                        trust_remote_code=top.trust_remote_code) if run.bench else None
     if not problems:
-        problems += prep.validate() + evaluate.validate()
+        problems += prep.validate() + evaluate.validate() + (bench.validate() if bench else [])
     config.raise_problems(prog, problems)
-    return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus)
+    return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus, bench=bench)
 
 
 def fingerprint(*parts) -> str:
@@ -162,6 +173,10 @@ def run_pipeline(steps: Plan, log=print) -> dict:
     else:
         log(f"[3/3] evaluate {len(trained) + 1} models -> {results_path}")
         results = run_evaluation(eval_cfg, log=log, failed=failed, fingerprint=eval_fp)
+    if steps.bench:
+        log(f"[3/3] bench: {steps.bench.tasks}" + (f" + {steps.bench.general_tasks}" if steps.bench.general_tasks
+                                                    else "") + f" on {len(trained) + 1} models (lm-eval)")
+        results = run_bench(dataclasses.replace(steps.bench, **{f"{m}_model": p for m, p in trained.items()}), log)
     md, page = write_report(results, root)
     log(f"report: {md}, {page}")
     return results

@@ -22,8 +22,11 @@ COLUMNS = [  # (header, getter)
     ("ROUGE-L [95% CI]", lambda e: _ci(e, "generation", "rougeL", "rougeL_ci")),
     ("BLEU", lambda e: _f(e, "generation", "bleu", 2)),
     ("token F1", lambda e: _f(e, "generation", "token_f1", 3)),
-    ("MC acc. log-lik [95% CI]", lambda e: _ci(e, "choice", "accuracy_loglik", "accuracy_loglik_ci")),
+    ("MC acc. option text [95% CI]", lambda e: _ci(e, "choice", "accuracy_loglik", "accuracy_loglik_ci")),
+    ("MC macro-F1", lambda e: _f(e, "choice", "macro_f1_loglik", 3)),
     ("gain vs base", lambda e: _gain(e)),
+    ("gain vs majority", lambda e: _gain(e, "majority")),
+    ("MC acc. letters, lm-eval format [95% CI]", lambda e: _ci(e, "choice", "accuracy_letter", "accuracy_letter_ci")),
     ("MC acc. generated", lambda e: _f(e, "choice", "accuracy_generate", 3)),
     ("unparseable", lambda e: _f(e, "choice", "unparseable_rate", 3)),
     ("trainable params", lambda e: _int(e, "trainable_parameters")),
@@ -58,13 +61,70 @@ def _ppl(entry):
     return f"{part['perplexity']:.2f}" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
 
 
-def _gain(entry):
+def _gain(entry, against="base", suffix=""):
     choice = entry.get("choice") or {}
-    if "gain_vs_base" not in choice:
+    key = f"gain_vs_{against}{suffix}"
+    if key not in choice:
         return "–"
-    lo, hi = choice["gain_vs_base_ci"]
-    verdict = "outside the interval: significant" if choice["gain_significant"] else "within noise"
-    return f"{choice['gain_vs_base']:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+    lo, hi = choice[f"{key}_ci"]
+    significant = choice[_significant_key(against, suffix)]
+    verdict = "outside the interval: significant" if significant else "within noise"
+    return f"{choice[key]:+.3f} [{lo:+.3f}, {hi:+.3f}] {verdict}"
+
+
+def _significant_key(against: str, suffix: str) -> str:
+    return f"gain_significant{suffix}" if against == "base" else f"gain_vs_{against}_significant{suffix}"
+
+
+def _verdict(entry, suffix="") -> str:
+    """Better than the base model, and better than always answering the most frequent label: two questions."""
+    c = entry.get("choice") or {}
+
+    def one(against, what):
+        key, significant = f"gain_vs_{against}{suffix}", c.get(_significant_key(against, suffix))
+        if key not in c:
+            return None
+        if significant:
+            return f"{'better' if c[key] > 0 else 'worse'} than {what}"
+        return f"not distinguishable from {what}"
+
+    parts = [one("base", "the base model"), one("majority", "always answering the majority label")]
+    return "; ".join(p for p in parts if p) or "–"
+
+
+def classification_lines(results: dict) -> list[str]:
+    """The majority baseline, and per model and scoring: accuracy beside macro-F1, the predicted labels, the
+    verdicts against the base and the majority, collapse; then the confusion matrices."""
+    maj = results.get("majority_baseline")
+    models = [e for e in results["models"].values() if e.get("status") == "ok" and e.get("choice")]
+    if not maj or not models:
+        return []
+    names = maj.get("names") or {k: k for k in maj["prior"]}
+    labels = list(names)
+    shares = ", ".join(f"{names[k]} {v:.0%}" for k, v in maj["prior"].items())
+    test_shares = ", ".join(f"{names[k]} {v:.0%}" for k, v in maj["test_prior"].items())
+    lo, hi = maj["accuracy_ci"]
+    lines = [f"Majority-class baseline: always answering '{names[maj['label']]}' (the most frequent label of "
+             f"{maj['source']}: {shares}; test items: {test_shares}) scores accuracy {maj['accuracy']:.3f} "
+             f"[{lo:.3f}, {hi:.3f}], macro-F1 {maj['macro_f1']:.3f}.", "",
+             "| model | scoring | accuracy | macro-F1 | predicted labels | verdict | collapsed |",
+             "|---|---|---:|---:|---|---|---|"]
+    for e in models:
+        c = e["choice"]
+        for scoring, title, suffix in (("loglik", "option text", ""), ("letter", "letters (lm-eval)", "_letter")):
+            p = c["picks"][scoring]
+            predicted = ", ".join(f"{names.get(k, k)} {n}" for k, n in p["predicted"].items())
+            collapsed = (f"yes: {p['collapsed_share']:.0%} '{names.get(p['collapsed'], p['collapsed'])}'"
+                         if p["collapsed"] else "no")
+            lines.append(f"| {e['name']} | {title} | {p['accuracy']:.3f} | {p['macro_f1']:.3f} | {predicted} | "
+                         f"{_verdict(e, suffix)} | {collapsed} |")
+    for e in models:
+        confusion = e["choice"]["picks"]["loglik"]["confusion"]
+        lines += ["", f"Confusion of {e['name']} (option text; rows: right label, columns: picked):", "",
+                  "| right \\ picked | " + " | ".join(names[k] for k in labels) + " |",
+                  "|---|" + "---:|" * len(labels)]
+        lines += [f"| {names[g]} | " + " | ".join(str(confusion[g][k]) for k in labels) + " |" for g in labels]
+    return lines
 
 
 def _int(entry, key):
@@ -219,13 +279,46 @@ def _lines_html(lines: list[str]) -> str:
     return "".join(out)
 
 
+def bench_lines(results: dict) -> list[str]:
+    """lm-eval's figures per task and model, the paired intervals against the base, the forgetting tasks apart."""
+    bench = results.get("bench")
+    if not bench:
+        return []
+    lines = [f"lm-eval {bench['lm_eval_version']}, zero-shot, `--limit {bench['limit']}`; accuracy ± lm-eval's "
+             "stderr; gain vs base: paired bootstrap (95%) over the items both scored."]
+    for title, tasks in (("Medical tasks", bench["tasks"]), ("Forgetting check: general tasks", bench["general"])):
+        if not tasks:
+            continue
+        models = list(bench["models"])
+        lines += ["", f"{title}:", "", "| task | items | " + " | ".join(models) + " |", "|---|---:|" + "---|" * len(models)]
+        for task in tasks:
+            cells = []
+            for m in models:
+                r = bench["models"][m].get(task)
+                if not r:
+                    cells.append("failed" if bench["models"][m].get("_error") else "–")
+                    continue
+                cell = f"{r['acc']:.3f} ± {r['acc_stderr']:.3f}" if r.get("acc_stderr") is not None else f"{r['acc']:.3f}"
+                if "gain_vs_base" in r:
+                    lo, hi = r["gain_vs_base_ci"]
+                    cell += f" ({r['gain_vs_base']:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if r['significant'] else ''})"
+                cells.append(cell)
+            n = next((bench["models"][m][task]["items"] for m in models if bench["models"][m].get(task)), 0)
+            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
+    lines += ["", "* outside the paired interval: significant."]
+    errors = [f"{m}: {v['_error']}" for m, v in bench["models"].items() if v.get("_error")]
+    return lines + [f"failed: {e}" for e in errors]
+
+
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(results)
     headers = [h for h, _ in COLUMNS]
     rows = summary_rows(results)
+    cover = (results.get("coverage") or {}).get("line")
     intro = (f"{results['test_items']} test items from `{results['test_data']}` "
-             f"({results['choice_items']} multiple choice), created {results['created']}.")
+             f"({results['choice_items']} multiple choice), created {results['created']}."
+             + (f" Coverage: {cover}." if cover else ""))
 
     files = out_dir / "report_files"
     files.mkdir(exist_ok=True)
@@ -235,8 +328,17 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     for name, data in figures.items():
         atomic_write(files / f"{name}.png", data)
         md += ["", f"![{name}](report_files/{name}.png)"]
+    classes = classification_lines(results)
+    if classes:
+        md += ["", "## Classification: against the base and the label prior", ""] + classes
     choosing = recommend_lines(results)
     md += ["", "## Choosing a method", ""] + choosing
+    bench = bench_lines(results)
+    if bench:
+        md += ["", "## Standard benchmarks (lm-evaluation-harness)", ""] + bench
+    how = [f"- **{k}**: {v}" for k, v in (results.get("scoring") or {}).items()]
+    if how:
+        md += ["", "## How the numbers were computed", ""] + how
     samples = _samples(results)
     if samples:
         md += ["", "## Answers side by side", ""]
@@ -260,7 +362,11 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
 td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child,th:first-child{{text-align:left}}
 img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
 <h1>medpeft evaluation report</h1><p>{esc(intro)}</p>{table}{images}
+{"<h2>Classification: against the base and the label prior</h2>" + _lines_html(classes) if classes else ""}
 <h2>Choosing a method</h2>{_lines_html(choosing)}
+{"<h2>Standard benchmarks (lm-evaluation-harness)</h2>" + _lines_html(bench) if bench else ""}
+{"<h2>How the numbers were computed</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in
+ (results.get("scoring") or {}).items()) + "</ul>" if results.get("scoring") else ""}
 <h2>Answers side by side</h2>{sample_html}
 <p><small>Synthetic or research data; not medical advice.</small></p></body></html>"""
     html_path = out_dir / "report.html"

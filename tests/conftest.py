@@ -137,6 +137,36 @@ def report_results() -> dict:
         }}
 
 
+def full_report_results() -> dict:
+    """report_results with every section a benchmark run adds: coverage, the majority baseline and each model's
+    picks, lm-eval's figures with a forgetting task, and how the numbers were computed."""
+    from medpeft.classification import majority, paired, picks
+    from medpeft.evaluation import SCORING
+
+    results = report_results()
+    gold = ["A", "B"]
+    results["coverage"] = {"line": "2 of 2 test items scored"}
+    results["majority_baseline"] = majority(["A", "A", "B"], gold, ["A", "B"], "the training split") | {
+        "names": {"A": "yes", "B": "no"}}
+    for name, predicted in (("base", ["A", "A"]), ("qlora", ["A", "B"])):
+        choice = results["models"][name]["choice"]
+        choice["picks"] = {s: picks(predicted, gold, ["A", "B"]) for s in ("loglik", "letter")}
+        hits = [float(p == g) for p, g in zip(predicted, gold)]
+        vs = paired(hits, results["majority_baseline"]["hits"])
+        choice |= {"gain_vs_majority": vs["gain"], "gain_vs_majority_ci": vs["ci"],
+                   "gain_vs_majority_significant": vs["significant"]}
+    results["scoring"] = SCORING
+    task = {"acc": 0.5, "acc_stderr": 0.1, "items": 20}
+    results["bench"] = {"lm_eval_version": "0.4.13", "limit": -1, "tasks": ["medqa_local"],
+                        "general": ["general_local"], "models": {
+                            "base": {"medqa_local": task, "general_local": task},
+                            "qlora": {"medqa_local": task | {"acc": 0.6, "gain_vs_base": 0.1,
+                                                             "gain_vs_base_ci": [0.0, 0.2], "significant": False},
+                                      "general_local": task | {"acc": 0.45, "gain_vs_base": -0.05,
+                                                               "gain_vs_base_ci": [-0.1, 0.0], "significant": False}}}}
+    return results
+
+
 
 def within(model, difference: float, float32: float, bfloat16: float, what: str) -> bool:
     """Whether `difference`, between two computations that round differently, is within the tolerance for the dtype
@@ -161,3 +191,16 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def train_tiny(tiny_model, processed, out, method, options, **overrides) -> str:
+    """A few steps of one method on the tiny model: a real training output to load, score and serve."""
+    from medpeft import methods
+    from medpeft.config import TrainConfig
+    from medpeft.training import train
+
+    settings = dict(model_name=tiny_model, data_path=processed, output_dir=str(out), max_steps=4, batch_size=8,
+                    learning_rate=1e-2, logging_steps=1, max_eval_samples=8, seed=0)
+    settings.update(overrides)
+    train(method, TrainConfig(**settings), methods.get(method).Options(**options), log=lambda *a: None)
+    return str(out)

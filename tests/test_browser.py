@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import report_results
+from conftest import full_report_results
 
 ROOT = Path(__file__).resolve().parents[1]
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -38,7 +38,9 @@ def open_in_chromium(html: Path, screenshot: Path) -> dict:
         driver.set_window_size(1280, min(max(height, 900), 8000))
         screenshot.parent.mkdir(parents=True, exist_ok=True)
         driver.save_screenshot(str(screenshot))
-        return {"console": driver.get_log("browser"), "images": images, "title": driver.title}
+        return {"console": driver.get_log("browser"), "images": images, "title": driver.title,
+                "headings": [h.text for h in driver.find_elements("css selector", "h2")],
+                "text": driver.find_element("tag name", "body").text}
     finally:
         driver.quit()
 
@@ -49,7 +51,7 @@ def test_report_opens_in_chromium_without_errors_and_with_every_plot(tmp_path):
     from medpeft.report import main
 
     path = tmp_path / "evaluation_results.json"
-    path.write_text(json.dumps(report_results()))
+    path.write_text(json.dumps(full_report_results()))
     assert main([str(path)]) == 0
     shot = ROOT / "build" / "test-artifacts" / "report.png"
     page = open_in_chromium(tmp_path / "report.html", shot)
@@ -57,4 +59,10 @@ def test_report_opens_in_chromium_without_errors_and_with_every_plot(tmp_path):
     assert not errors, errors
     assert [i["alt"] for i in page["images"]] == ["metrics", "loss_curves", "time_memory"]
     assert all(i["complete"] and i["width"] > 100 and i["height"] > 100 for i in page["images"]), page["images"]
+    assert page["headings"] == ["Classification: against the base and the label prior", "Choosing a method",
+                                "Standard benchmarks (lm-evaluation-harness)", "How the numbers were computed",
+                                "Answers side by side"]
+    assert "Coverage: 2 of 2 test items scored" in page["text"]
+    assert "Majority-class baseline: always answering 'yes'" in page["text"]
+    assert "Forgetting check: general tasks" in page["text"]
     assert shot.stat().st_size > 10_000 and shot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

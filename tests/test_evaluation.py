@@ -169,3 +169,79 @@ def test_evaluate_rejects_bad_test_data_in_one_line(tmp_path, tiny_model, capsys
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and needle in err
     assert not (tmp_path / "r.json").exists()
+
+
+def test_a_constant_answer_is_flagged_collapsed_and_scored_against_the_majority():
+    from medpeft.classification import majority, paired, picks
+
+    gold = ["A"] * 55 + ["B"] * 30 + ["C"] * 15
+    constant = picks(["A"] * 100, gold, ["A", "B", "C"])
+    assert constant["accuracy"] == 0.55 and constant["collapsed"] == "A" and constant["collapsed_share"] == 1.0
+    assert constant["macro_f1"] == round((2 * 55 / (2 * 55 + 45)) / 3, 4)  # one label's F1 of three
+    assert constant["predicted"] == {"A": 100, "B": 0, "C": 0}
+    assert constant["confusion"]["B"] == {"A": 30, "B": 0, "C": 0}
+    base = majority(["A"] * 6 + ["B"] * 3 + ["C"], gold, ["A", "B", "C"], "the training split")
+    assert base["label"] == "A" and base["accuracy"] == 0.55 and base["prior"] == {"A": 0.6, "B": 0.3, "C": 0.1}
+    same = paired([float(g == "A") for g in gold], base["hits"])
+    assert same["gain"] == 0 and not same["significant"]  # "better than the base" is not "better than the prior"
+    varied = picks(["A"] * 89 + ["B"] * 11, gold, ["A", "B", "C"])
+    assert varied["collapsed"] is None and varied["collapsed_share"] == 0.89
+
+
+def test_the_report_separates_gains_over_the_base_from_gains_over_the_majority(tmp_path):
+    from medpeft.report import write_report
+
+    gold = ["A"] * 60 + ["B"] * 40
+    results = report_results()
+    results["majority_baseline"] = {"label": "A", "source": "the training split", "prior": {"A": 0.6, "B": 0.4},
+                                    "test_prior": {"A": 0.6, "B": 0.4}, "accuracy": 0.6, "accuracy_ci": [0.5, 0.7],
+                                    "macro_f1": 0.375, "names": {"A": "yes", "B": "no"}}
+    results["coverage"] = {"line": "100 of 120 test items scored (a sample drawn with seed 42)"}
+    from medpeft.classification import picks
+
+    for name, predicted in (("base", ["B"] * 100), ("qlora", ["A"] * 100)):
+        entry = results["models"][name]
+        entry["choice"] |= {"picks": {s: picks(predicted, gold, ["A", "B"]) for s in ("loglik", "letter")}}
+    results["models"]["qlora"]["choice"] |= {"gain_vs_base": 0.2, "gain_vs_base_ci": [0.1, 0.3],
+                                             "gain_significant": True, "gain_vs_majority": 0.0,
+                                             "gain_vs_majority_ci": [0.0, 0.0],
+                                             "gain_vs_majority_significant": False}
+    md, html = write_report(results, tmp_path)
+    text = md.read_text()
+    assert "Coverage: 100 of 120 test items scored" in text
+    assert "always answering 'yes' (the most frequent label of the training split: yes 60%, no 40%" in text
+    row = next(line for line in text.splitlines() if line.startswith("| qlora | option text"))
+    assert "better than the base model; not distinguishable from always answering the majority label" in row
+    assert "yes: 100% 'yes'" in row  # collapsed
+    assert "Confusion of qlora" in text
+
+
+def test_evaluate_reports_coverage_majority_and_letter_scoring(tmp_path, tiny_model, capsys):
+    from medpeft.cli import run
+
+    from conftest import write_jsonl
+
+    rows = [{"QUESTION": f"Does drug {i} help patients with condition {i % 7}?", "CONTEXTS": [f"A trial of {i}."],
+             "final_decision": "yes" if i % 4 else "no", "split": "test" if i < 12 else "train" if i < 40 else
+             "validation"} for i in range(44)]
+    data = write_jsonl(tmp_path / "p.jsonl", rows)
+    assert run(["prepare", "--input_data", str(data), "--output_dir", str(tmp_path / "d"), "--model_name",
+                tiny_model]) == 0
+    out = tmp_path / "r" / "evaluation_results.json"
+    assert run(["evaluate", "--base_model", tiny_model, "--test_data", str(tmp_path / "d" / "test.json"),
+                "--output_file", str(out), "--max_new_tokens", "4", "--max_samples", "10"]) == 0
+    printed = capsys.readouterr().out
+    results = json.loads(out.read_text())
+    assert results["coverage"]["line"].startswith("10 of 12 test items scored (a sample drawn with seed 42")
+    assert "coverage: 10 of 12 test items scored" in printed
+    maj = results["majority_baseline"]
+    assert maj["label"] == "A" and maj["names"] == {"A": "yes", "B": "no", "C": "maybe"}
+    assert maj["source"] == "the training split" and maj["prior"] == {"A": 0.75, "B": 0.25, "C": 0.0}
+    choice = results["models"]["base"]["choice"]
+    for scoring in ("loglik", "letter", "generate"):
+        p = choice["picks"][scoring]
+        assert sum(p["predicted"].values()) == 10 == sum(sum(row.values()) for row in p["confusion"].values()) + \
+            p["predicted"].get("none", 0)
+        assert p["accuracy"] == choice[f"accuracy_{scoring}"]
+    assert "gain_vs_majority" in choice and "gain_vs_majority_letter" in choice
+    assert "Majority-class baseline: always answering 'yes'" in (tmp_path / "r" / "report.md").read_text()

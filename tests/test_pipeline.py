@@ -13,6 +13,26 @@ from medpeft.cli import run
 from medpeft.pipeline import DEMO_CONFIG, plan
 
 
+@pytest.mark.slow
+def test_pipeline_benches_every_trained_model_after_the_evaluation(tiny_model, tmp_path, capsys):
+    from conftest import write_jsonl
+    from test_bench import general_rows, medqa_rows
+
+    write_jsonl(tmp_path / "medqa_test.jsonl", medqa_rows(10))
+    write_jsonl(tmp_path / "general_test.jsonl", general_rows(6))
+    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path / "run"), "--max_steps", "2",
+            "--max_samples", "8", "--max_new_tokens", "4", "--batch_size", "4", "--methods", "qlora,ptuning",
+            "--bench", "medqa_local", "--bench_general", "general_local", "--bench_data_dir", str(tmp_path)]
+    assert run(argv, prog="run_all.py", command="run") == 0
+    results = json.loads((tmp_path / "run" / "evaluation_results.json").read_text())
+    assert set(results["models"]) == {"base", "qlora", "ptuning"}  # the evaluation is still there
+    bench = results["bench"]["models"]
+    assert set(bench) == {"base", "qlora", "ptuning"}
+    assert all(bench[m]["medqa_local"]["items"] == 10 and bench[m]["general_local"]["items"] == 6 for m in bench)
+    assert "gain_vs_base_ci" in bench["qlora"]["medqa_local"]
+    assert "Forgetting check" in (tmp_path / "run" / "report.md").read_text()
+
+
 @pytest.mark.slow  # make test-fast leaves it out
 def test_pipeline_runs_every_stage_then_skips_them(tiny_model, tmp_path, monkeypatch, capsys):
     """run_all end to end on the tiny model; a second run skips every finished stage."""

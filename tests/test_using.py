@@ -7,25 +7,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from medpeft import methods
 from medpeft.cli import run
-from medpeft.config import TrainConfig
-from medpeft.training import train
 
-from conftest import within
+from conftest import train_tiny as _train, within
 from medpeft.modeling import autocast
 from medpeft.outputs import load_trained
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _train(tiny_model, processed, out, method, options, **overrides):
-    settings = dict(model_name=tiny_model, data_path=processed, output_dir=str(out), max_steps=4, batch_size=8,
-                    learning_rate=1e-2, logging_steps=1, max_eval_samples=8, seed=0)
-    settings.update(overrides)
-    train(method, TrainConfig(**settings), methods.get(method).Options(**options), log=lambda *a: None)
-    return str(out)
 
 
 @pytest.fixture(scope="module")
