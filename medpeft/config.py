@@ -25,6 +25,9 @@ DEFAULT_SYSTEM_PROMPT = ("You are a careful medical assistant. Answer the questi
                          "based on established medical knowledge.")
 
 
+MIN_SWEEP_STEPS = 4  # fewer optimizer steps say little about a learning rate
+
+
 def opt(default, help: str, choices=None):
     return field(default=default, metadata={"help": help, "choices": choices})
 
@@ -84,7 +87,20 @@ class TrainConfig:
     output_dir: str = opt("models/run", "where the trained method, tokenizer, config and metrics.json go")
     num_epochs: float = opt(3.0, "passes over the training split (ignored when --max_steps > 0)")
     max_steps: int = opt(-1, "optimizer steps to run (-1 = as many as --num_epochs gives)")
-    learning_rate: float = opt(2e-4, "peak learning rate")
+    learning_rate: float = field(default=2e-4, metadata={
+        "help": "peak learning rate, or auto: a short search over a log grid around the method's default (scaled "
+                "for the model's size), each candidate scored on the validation split, then the run at the winner",
+        "choices": None, "auto": True})
+    sweep_steps: int = opt(0, "--learning_rate auto: optimizer steps each candidate trains (0 = a quarter of the "
+                              "run, 4 to 100)")
+    sweep_budget_s: float = opt(0.0, "--learning_rate auto: seconds the whole search may take (0 = no limit); each "
+                                     "candidate gets its share and stops when it is spent")
+    select: str = opt("best", "what is saved: best = the checkpoint with the best validation score (multiple-choice "
+                              "accuracy and macro-F1 where the data has options, answer loss otherwise), evaluated "
+                              "every --eval_steps; last = the final step", ["best", "last"])
+    early_stopping: int = opt(0, "stop after this many evaluations without a better validation score (0 = never)")
+    balance: str = opt("off", "labels = oversample the training items of rarer labels until every label of "
+                              "multiple-choice data is as frequent as the most frequent one", ["off", "labels"])
     batch_size: int = opt(8, "examples per device per micro-batch")
     gradient_accumulation_steps: int = opt(1, "micro-batches per optimizer step")
     max_length: int = opt(512, "truncate examples to this many tokens")
@@ -95,7 +111,8 @@ class TrainConfig:
                              "state in 8 bits: a quarter of the optimizer memory, one kernel per tensor)",
                      ["auto", "adamw_torch", "adamw_torch_fused", "paged_adamw_8bit"])
     lr_scheduler_type: str = opt("cosine", "learning-rate schedule", ["cosine", "linear", "constant_with_warmup"])
-    eval_steps: int = opt(0, "evaluate on the validation split every N steps (0 = only before and after)")
+    eval_steps: int = opt(0, "evaluate on the validation split every N steps (0 = before and after, and for "
+                             "--select best twice per epoch)")
     max_eval_samples: int = opt(256, "validation examples used for the loss (-1 = all)")
     logging_steps: int = opt(5, "log the training loss every N steps")
     seed: int = opt(42, "random seed (initialisation, data order, dropout)")
@@ -153,7 +170,7 @@ class TrainConfig:
         if self.tokens_per_batch < 0:
             problems.append(f"--tokens_per_batch must be 0 or positive, got {self.tokens_per_batch}")
         for name in ("learning_rate", "batch_size", "gradient_accumulation_steps", "max_length", "logging_steps"):
-            if not getattr(self, name) > 0:
+            if getattr(self, name) != "auto" and not getattr(self, name) > 0:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_steps == 0 or self.max_steps < -1:
             problems.append(f"--max_steps must be positive or -1, got {self.max_steps}")
@@ -169,6 +186,13 @@ class TrainConfig:
             problems.append(f"--max_eval_samples must be positive or -1, got {self.max_eval_samples}")
         if self.max_length < 16:
             problems.append(f"--max_length must be at least 16 tokens, got {self.max_length}")
+        for name in ("sweep_steps", "sweep_budget_s", "early_stopping"):
+            if getattr(self, name) < 0:
+                problems.append(f"--{name} must be 0 or positive, got {getattr(self, name)}")
+        if self.learning_rate == "auto" and 0 < self.max_steps < 2 * MIN_SWEEP_STEPS:
+            problems.append(f"--learning_rate auto needs a run of at least {2 * MIN_SWEEP_STEPS} steps (each "
+                            f"candidate trains at least {MIN_SWEEP_STEPS}); --max_steps is {self.max_steps}: raise it "
+                            "or give a --learning_rate")
         return problems
 
 
@@ -177,7 +201,10 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(f"{self.prog}: {message} (see --help)")
 
 
-def _converter(tp):
+def _converter(tp, auto: bool = False):
+    if auto:  # a number, or the word auto (the value is then found by a search)
+        number = _converter(tp)
+        return lambda v: "auto" if str(v).strip().lower() == "auto" else number(v)
     origin = typing.get_origin(tp)
     if origin is typing.Union:
         inner = [a for a in typing.get_args(tp) if a is not type(None)][0]
@@ -228,7 +255,8 @@ def build_parser(prog: str, description: str, sections: list[type], defaults: di
             if hints[f.name] is bool:
                 group.add_argument(f"--{f.name}", action=argparse.BooleanOptionalAction, help=help_text)
             else:
-                group.add_argument(f"--{f.name}", type=_converter(hints[f.name]), choices=f.metadata["choices"],
+                group.add_argument(f"--{f.name}", type=_converter(hints[f.name], f.metadata.get("auto", False)),
+                                   choices=f.metadata["choices"],
                                    help=help_text, metavar=f.name.upper())
     return parser
 
@@ -273,7 +301,7 @@ def settle(sections: list[type], values: dict, origins: dict | None = None, rule
             continue
         section, f = known[key]
         try:
-            typed[key] = _converter(typing.get_type_hints(section)[key])(value)
+            typed[key] = _converter(typing.get_type_hints(section)[key], f.metadata.get("auto", False))(value)
         except (TypeError, ValueError) as exc:
             problems.append(f"{where}{key}: {exc}")
             continue

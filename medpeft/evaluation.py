@@ -139,7 +139,8 @@ def baseline(path: str, records: list[dict]) -> dict | None:
     train_path = Path(path).parent / "train.json"
     prior = [r["label"] for r in read_processed(train_path, "--test_data") if r.get("options")] \
         if train_path.is_file() else []
-    source = "the training split" if prior else "the test items (no training split beside the test file)"
+    source = "the training split" if prior else "the test items (the training split beside the test file has no " \
+        "multiple-choice items)" if train_path.is_file() else "the test items (no training split beside the test file)"
     labels = choice_labels(choice)
     shared = all(r["options"] == choice[0]["options"] for r in choice)  # e.g. yes/no/maybe: name labels by text
     return majority(prior or [r["label"] for r in choice], [r["label"] for r in choice], labels, source) | {
@@ -160,7 +161,7 @@ def _efficiency_from_training(path: str) -> tuple[dict, dict | None]:
            "train_tokens_per_s": m.get("tokens_per_s"), "peak_memory_gb": m.get("peak_memory_gb"),
            "memory_kind": m.get("memory_kind")}
     training = {k: m.get(k) for k in ("loss_curve", "eval_curve", "validation_loss_base", "validation_loss_final",
-                                      "steps", "device")}
+                                      "steps", "device", "learning_rate_search", "selection", "balance")}
     return eff, training
 
 

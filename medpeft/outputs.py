@@ -200,6 +200,7 @@ def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, eval
                   f"{metrics.get('total_parameters'):,}" if metrics.get("trainable_parameters") else "",
                   "- training logs: `logs/` (TensorBoard: `tensorboard --logdir logs`)"
                   if (Path(out_dir) / "logs").is_dir() else "", ""]
+        lines += selection_lines(metrics)
     if run.get("merge_check"):
         c = run["merge_check"]
         lines += ["## Merge check", "", f"- max |logit difference| vs the adapter model: {c['max_abs_logit_diff']} "
@@ -214,6 +215,29 @@ def write_model_card(out_dir: Path, run: dict, metrics: dict | None = None, eval
     path = Path(out_dir) / CARD_FILE
     atomic_write(path, "\n".join(x for x in lines if x is not None) + "\n")
     return path
+
+
+def selection_lines(metrics: dict) -> list[str]:
+    """How the saved weights were chosen: the learning-rate search's candidates, the checkpoint kept, the balance."""
+    lines = []
+    search = metrics.get("learning_rate_search")
+    if search:
+        lines += [f"Learning rate searched (`--learning_rate auto`, {search['steps_per_candidate']} steps per candidate, "
+                  f"scored on the validation split by {search['metric']}; {search['seconds']} s, "
+                  f"{search.get('cost_ratio')}x the run): **{search['winner']:.2g}** won by {search['margin']:+.4f}.", "",
+                  "| learning rate | score | accuracy | macro-F1 | answer loss | steps |", "|---:|---:|---:|---:|---:|---:|"]
+        lines += [f"| {c['learning_rate']:.2g} | {c['score']:.4f} | {c.get('accuracy', '–')} | {c.get('macro_f1', '–')} "
+                  f"| {c['loss']:.4f} | {c['steps']} |" for c in search["candidates"]] + [""]
+    chosen = metrics.get("selection")
+    if chosen and chosen.get("best"):
+        lines += [f"Checkpoint kept (`--select {chosen['select']}`, validation scored every {chosen['every_steps']} "
+                  f"steps): step {chosen['chosen_step']} of {chosen['last_step']} (best: step {chosen['best']['step']}, "
+                  f"{chosen['best']['metric']} {chosen['best']['score']:.4f})"
+                  + ("; stopped early" if chosen.get("stopped_early") else "") + ".", ""]
+    if metrics.get("balance"):
+        b = metrics["balance"]
+        lines += [f"Labels balanced (`--balance labels`): training label counts {b['before']} → {b['after']}.", ""]
+    return lines
 
 
 def _loading_hint(run: dict) -> str:

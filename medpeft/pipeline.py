@@ -98,6 +98,8 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
         section, where = sections.get(name, ({}, ""))
         values = {**method.DEFAULTS, **shared, "data_path": str(data_dir), "output_dir": str(root / "models" / name),
                   "resume_from_checkpoint": "auto", **section}  # a run killed mid-training goes on from its checkpoint
+        if "learning_rate" not in shared and "learning_rate" not in section and _searchable(values.get("max_steps")):
+            values["learning_rate"] = "auto"  # searched unless given (a run of a few steps keeps the default)
         instances, found = config.settle([TrainConfig, method.Options], values, {k: where for k in section},
                                          rules=methods.training_rules(method))
         problems += [f"{name}: {p}" for p in found]
@@ -118,6 +120,16 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
         problems += prep.validate() + evaluate.validate() + (bench.validate() if bench else [])
     config.raise_problems(prog, problems)
     return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus, bench=bench)
+
+
+def _searchable(max_steps) -> bool:
+    """Whether a run is long enough for run_all to search its learning rate unasked (an explicit
+    --learning_rate auto on a shorter one is refused, saying the minimum)."""
+    try:
+        steps = int(max_steps if max_steps is not None else -1)
+    except (TypeError, ValueError):
+        return True  # settle reports the bad value
+    return steps == -1 or steps >= 2 * config.MIN_SWEEP_STEPS
 
 
 def fingerprint(*parts) -> str:

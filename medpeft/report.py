@@ -12,7 +12,7 @@ import json
 import sys
 from pathlib import Path
 
-from .outputs import atomic_write
+from .outputs import atomic_write, selection_lines
 
 COLUMNS = [  # (header, getter)
     ("model", lambda e: e["name"]),
@@ -331,6 +331,11 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     classes = classification_lines(results)
     if classes:
         md += ["", "## Classification: against the base and the label prior", ""] + classes
+    selected = [line for e in results["models"].values() if (e.get("training") or {})
+                for line in ([f"**{e['name']}**", ""] + selection_lines(e["training"])
+                             if selection_lines(e["training"]) else [])]
+    if selected:
+        md += ["", "## How each method's settings were chosen", ""] + selected
     choosing = recommend_lines(results)
     md += ["", "## Choosing a method", ""] + choosing
     bench = bench_lines(results)
@@ -363,6 +368,7 @@ td,th{{border:1px solid #ccc;padding:4px 6px;text-align:right}}td:first-child,th
 img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
 <h1>medpeft evaluation report</h1><p>{esc(intro)}</p>{table}{images}
 {"<h2>Classification: against the base and the label prior</h2>" + _lines_html(classes) if classes else ""}
+{"<h2>How each method's settings were chosen</h2>" + _lines_html(selected) if selected else ""}
 <h2>Choosing a method</h2>{_lines_html(choosing)}
 {"<h2>Standard benchmarks (lm-evaluation-harness)</h2>" + _lines_html(bench) if bench else ""}
 {"<h2>How the numbers were computed</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in

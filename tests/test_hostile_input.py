@@ -96,7 +96,14 @@ def test_every_valid_row_is_kept_or_counted(tiny_model, rows, fmt):
                  for r in rows if cell(r["question"]) and cell(r["answer"])}
         if code == 2:
             assert any(m in err for m in ALLOWED_FAILURES), err
-            assert len(valid) < 10, f"{len(valid)} valid rows refused: {err}"
+            if "would be empty" in err:
+                # rows sharing a question are one group: too few groups for three splits
+                from medpeft.data import smallest_sizes
+
+                questions = {q for q, _ in valid}
+                assert len(questions) < smallest_sizes(0.8, 0.5), f"{len(questions)} questions refused: {err}"
+            else:
+                assert len(valid) < 10, f"{len(valid)} valid rows refused: {err}"
             return
         meta = json.loads((out / "metadata.json").read_text())
         kept = sum(len(json.loads((out / f"{s}.json").read_text())) for s in ("train", "validation", "test"))

@@ -140,9 +140,12 @@ def test_run_all_takes_every_training_flag_for_every_method(tmp_path):
     assert set(steps.stages) == {"qlora", "ptuning"}
     for name, (train_cfg, _) in steps.stages.items():
         assert train_cfg.max_grad_norm == 0.5 and train_cfg.lr_scheduler_type == "linear"
-        assert train_cfg.learning_rate == methods.get(name).DEFAULTS["learning_rate"]  # not given: the method's
+        assert train_cfg.learning_rate == "auto"  # not given: searched (tests/test_selection.py)
         assert train_cfg.output_dir == str(tmp_path / "models" / name)
         assert train_cfg.resume_from_checkpoint == "auto"
+    short = plan(["--output_root", str(tmp_path), "--max_steps", "2", "--methods", "qlora,ptuning"])
+    for name, (train_cfg, _) in short.stages.items():  # too short to search unasked: the method's default
+        assert train_cfg.learning_rate == methods.get(name).DEFAULTS["learning_rate"]
     with pytest.raises(Exception, match="unrecognized arguments: --output_dir"):
         plan(["--output_dir", "x"])
 

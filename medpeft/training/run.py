@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import random
+import math
 import shutil
 import tempfile
 import time
@@ -38,6 +38,8 @@ from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoi
                           drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
 from .packing import PackedCollator, enable_varlen_attention, pack_batches
+from .selection import (balance_labels, evaluation_interval, score_unpatched, search_learning_rate,
+                        selector_callback, subset, time_limit_callback, validation_score)
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing
 from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
                       progress_callback, quantized_base_trainable, reporters, scheduled_gc, trainer_class)
@@ -71,13 +73,6 @@ class RunContext:
         return model
 
 
-def _eval_subset(examples, n, seed):
-    if n < 0 or n >= len(examples):
-        return examples
-    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
-    return [examples[i] for i in idx]
-
-
 def token_budget(cfg) -> int:
     return cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
 
@@ -99,6 +94,11 @@ class TrainingRun:
     log: object = print
     fingerprint: str | None = None  # set by the pipeline to recognise an up-to-date output
     discard_stale_checkpoints: bool = False  # the pipeline: checkpoints of other settings are deleted, not refused
+    val_records: list | None = None  # the validation records behind val_examples: the selection scores them
+    time_limit_s: float | None = None  # a learning-rate candidate stops when its share of the search is spent
+    selection: dict | None = None  # --select / --early_stopping: the validation scores and the step kept
+    balance: dict | None = None  # --balance labels: the label counts before and after
+    validation_score: dict | None = None  # the saved weights on the selection's measure (selection.py)
 
     @property
     def method(self):
@@ -166,7 +166,7 @@ class TrainingRun:
             undo.callback(uncompile)
         return data, collator, batch_size, speed
 
-    def fit(self) -> dict:
+    def fit(self, score_base: bool = True) -> dict:
         cfg, device = self.cfg, self.ctx.device
         trainable, total = count_parameters(self.model)
         self.log(f"trainable parameters: {trainable:,} of {total:,} ({100 * trainable / total:.3f}%)")
@@ -175,7 +175,7 @@ class TrainingRun:
         shard = sharded()
         trainable_names = {n for n, p in self.model.named_parameters() if p.requires_grad} if shard else None
         base_val = None
-        if not shard:
+        if not shard and score_base:
             with self.method.disabled(self.model):
                 base_val = self.validation_loss("base validation")
             self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
@@ -217,15 +217,21 @@ class TrainingRun:
         if shard:  # every process takes part: each forward gathers the shards of one layer at a time
             scored = trainer.model
             final_val = self.validation_loss("final validation", scored)
-            with self.method.disabled(self.model):
-                base_val = self.validation_loss("base validation", scored)
+            if score_base:
+                with self.method.disabled(self.model):
+                    base_val = self.validation_loss("base validation", scored)
             state = trainer.accelerator.get_state_dict(trainer.model)  # on the first process, on its CPU
             self.gathered = {k: v for k, v in state.items() if k in trainable_names}
         else:
             # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
             self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
             final_val = self.validation_loss("final validation")
-        self.log(f"validation loss after training: {final_val['loss']:.4f} (base {base_val['loss']:.4f})")
+            if self.val_records and score_base:  # what the saved weights score on the selection's measure
+                self.validation_score = validation_score(self.model, self.tokenizer, self.val_records, cfg)
+                self.log(f"validation {self.validation_score['metric']}: {self.validation_score['score']:.4f}")
+        base_val = base_val or {"loss": None, "perplexity": None}  # a learning-rate candidate skips the base
+        self.log(f"validation loss after training: {final_val['loss']:.4f}"
+                 + (f" (base {base_val['loss']:.4f})" if base_val["loss"] is not None else ""))
         trainer.log({"eval_answer_loss": final_val["loss"]})
         close_loggers(trainer)
 
@@ -244,6 +250,7 @@ class TrainingRun:
             "validation_perplexity_base": base_val["perplexity"],
             "validation_perplexity_final": final_val["perplexity"],
             "validation_examples": len(self.val_examples), "train_examples": len(self.train_examples),
+            "selection": self.selection, "balance": self.balance, "validation_score": self.validation_score,
             "train_runtime_s": round(runtime, 2),
             "tokens_per_s": round(real_tokens / runtime, 1), "padded_tokens_per_s": round(padded_tokens / runtime, 1),
             "train_tokens": int(real_tokens), "speed_settings": speed, **steady,
@@ -320,6 +327,17 @@ class TrainingRun:
         trainer.add_callback(finite_loss_callback(trainer))
         trainer.add_callback(progress_callback(collator))
         trainer.add_callback(gc_callback())
+        if self.time_limit_s:
+            trainer.add_callback(time_limit_callback(self.time_limit_s))
+        selector = None
+        if (cfg.select == "best" or cfg.early_stopping) and self.val_records and not sharded():
+            every = evaluation_interval(cfg, math.ceil(len(train_data) / (batch_size * cfg.gradient_accumulation_steps
+                                                                          * process_count())))
+            selector = selector_callback(lambda: score_unpatched(self.model, self.tokenizer, self.val_records, cfg),
+                                         every, cfg, self.model, self.log, resume)
+            trainer.add_callback(selector)
+        elif cfg.select == "best" and sharded():
+            self.log("--fsdp: the run keeps its last step (--select best needs the whole model on each process)")
         if base_val is not None:
             trainer.log({"eval_answer_loss": base_val["loss"]})  # step 0 of the validation curve: the base model
         if device == "cuda":
@@ -330,6 +348,7 @@ class TrainingRun:
         t0 = time.time()
         with scheduled_gc():
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+        self.selection = selector.finish(trainer.state.global_step) if selector else None
         return trainer, result, time.time() - t0, timer, sampler
 
     def save(self, metrics: dict) -> Path:
@@ -353,17 +372,21 @@ class TrainingRun:
         shutil.rmtree(self.staging, ignore_errors=True)
 
 
-def load_examples(cfg, tokenizer) -> tuple[list, list, dict]:
-    """(training examples, validation examples, metadata) of a processed data directory."""
-    train_examples = answer_examples(tokenizer, load_split(cfg.data_path, "train"), cfg.max_length)
-    val_examples = _eval_subset(answer_examples(tokenizer, load_split(cfg.data_path, "validation"), cfg.max_length),
-                                cfg.max_eval_samples, cfg.seed)
+def load_examples(cfg, tokenizer) -> tuple[list, list, dict, list, dict | None]:
+    """(training examples, validation examples, metadata, validation records, label balance) of a processed data
+    directory."""
+    train_records, balance = load_split(cfg.data_path, "train"), None
+    if cfg.balance == "labels":
+        train_records, balance = balance_labels(train_records)
+    train_examples = answer_examples(tokenizer, train_records, cfg.max_length)
+    val_records = subset(load_split(cfg.data_path, "validation"), cfg.max_eval_samples, cfg.seed)
+    val_examples = answer_examples(tokenizer, val_records, cfg.max_length)
     if not train_examples:
         raise UsageError(f"--data_path: '{cfg.data_path}' has no training examples with answer tokens")
     if not val_examples:
         raise UsageError(f"--data_path: '{cfg.data_path}' has an empty validation split; "
                          "re-run prepare_dataset with a smaller --train_size")
-    return train_examples, val_examples, read_metadata(cfg.data_path)
+    return train_examples, val_examples, read_metadata(cfg.data_path), val_records, balance
 
 
 def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
@@ -390,9 +413,12 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
     set_seed(cfg.seed)
     device = default_device()
     resolved = resolve_model(cfg.model_name)
+    val_records, balance = None, None
     if data is None:
         tokenizer = load_tokenizer(resolved, cfg.trust_remote_code)
-        train_examples, val_examples, metadata = load_examples(cfg, tokenizer)
+        train_examples, val_examples, metadata, val_records, balance = load_examples(cfg, tokenizer)
+        if balance:
+            log(f"--balance labels: training label counts {balance['before']} -> {balance['after']}")
     else:
         tokenizer, train_examples, val_examples, metadata = data
     log(f"{method_name}: {len(train_examples)} training examples, {len(val_examples)} validation examples, "
@@ -421,16 +447,22 @@ def build(method_name: str, cfg, opts, log=print, data=None) -> TrainingRun:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return TrainingRun(method_name, cfg, opts, ctx, model, tokenizer, train_examples, val_examples, metadata,
-                       staging, log)
+                       staging, log, val_records=val_records, balance=balance)
 
 
 def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None,
           discard_stale_checkpoints: bool = False) -> dict:
     """Train one method end to end; returns the metrics also written to metrics.json."""
+    search = None
+    if cfg.learning_rate == "auto":  # the search, then the run at its winner
+        cfg, search = search_learning_rate(method_name, methods.get(method_name), cfg, opts, log, build)
     run = build(method_name, cfg, opts, log)
     run.fingerprint, run.discard_stale_checkpoints = fingerprint, discard_stale_checkpoints
     try:
         metrics = run.fit()
+        if search:
+            metrics["learning_rate_search"] = search | {
+                "cost_ratio": round(search["seconds"] / max(metrics["train_runtime_s"], 1e-9), 2)}
         if not is_main_process():
             return metrics
         try:

@@ -1,0 +1,168 @@
+"""Settings chosen on the validation split: the learning-rate search, the best checkpoint, early stopping, the
+search's budget and minimum, label balance, and run_all's defaults."""
+
+import json
+
+import pytest
+import torch
+
+from medpeft import methods
+from medpeft.cli import run
+from medpeft.config import PrepareConfig, TrainConfig
+from medpeft.data import prepare
+from medpeft.errors import UsageError
+from medpeft.outputs import load_trained
+from medpeft.training import run as training_run
+from medpeft.training import selection, train
+
+from conftest import qa_rows, write_jsonl
+
+pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture(scope="module")
+def free_text(tmp_path_factory, tiny_model):
+    """Question-answer data only: the validation score is minus the answer loss."""
+    d = tmp_path_factory.mktemp("free")
+    prepare(PrepareConfig(input_data=str(write_jsonl(d / "qa.jsonl", qa_rows(40))), output_dir=str(d / "p"),
+                          model_name=tiny_model), log=lambda *a: None)
+    return str(d / "p")
+
+
+def settings(tiny_model, data, out, **kw):
+    values = dict(model_name=tiny_model, data_path=data, output_dir=str(out), max_steps=8, batch_size=4,
+                  learning_rate=1e-2, logging_steps=1, max_eval_samples=8, seed=0, report_to="none", save_steps=0)
+    return TrainConfig(**(values | kw))
+
+
+def test_the_search_picks_the_learning_rate_that_clearly_wins(tiny_model, free_text, tmp_path, monkeypatch):
+    # a step too small to learn anything, and one that learns
+    monkeypatch.setattr(selection, "candidates", lambda method, n: [1e-7, 1e-2])
+    logs = []
+    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "q", learning_rate="auto"),
+                    methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=logs.append)
+    search = metrics["learning_rate_search"]
+    assert search["winner"] == 1e-2 and [c["learning_rate"] for c in search["candidates"]] == [1e-7, 1e-2]
+    low, high = search["candidates"]
+    assert search["metric"] == "-answer loss" and high["loss"] < low["loss"] - 0.05
+    assert search["steps_per_candidate"] == 4 and all(c["steps"] == 4 for c in search["candidates"])
+    assert metrics["steps"] == 8 and search["cost_ratio"] > 0
+    saved = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    assert saved["learning_rate_search"]["candidates"] == search["candidates"]  # the table is in metrics.json
+    assert json.loads((tmp_path / "q" / "medpeft_config.json").read_text())["settings"]["learning_rate"] == 1e-2
+    assert any("learning rate search: 0.01 wins by" in line for line in logs)
+    assert "| learning rate | score |" in (tmp_path / "q" / "README.md").read_text()
+
+
+def test_an_explicit_learning_rate_runs_no_search(tiny_model, free_text, tmp_path):
+    metrics = train("adapter", settings(tiny_model, free_text, tmp_path / "a", learning_rate=3e-3, select="last"),
+                    methods.get("adapter").Options(adapter_size=8), log=lambda *a: None)
+    assert "learning_rate_search" not in metrics and metrics["selection"] is None
+
+
+def scripted(monkeypatch, scores):
+    """The validation score at each scoring, in order; the trainable weights at each are recorded."""
+    seen = []
+
+    def score(model, tokenizer, records, cfg):
+        seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
+        return {"metric": "scripted", "score": scores[len(seen) - 1], "loss": 0.0}
+
+    monkeypatch.setattr(training_run, "score_unpatched", score)
+    return seen
+
+
+def test_best_differs_from_last_and_is_the_one_saved(tiny_model, free_text, tmp_path, monkeypatch):
+    seen = scripted(monkeypatch, [0.1, 0.5, 0.3, 0.2])  # scored at steps 2, 4, 6, 8: best at step 4
+    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "q", eval_steps=2, load_in_4bit=False),
+                    methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=lambda *a: None)
+    chosen = metrics["selection"]
+    assert [h["step"] for h in chosen["history"]] == [2, 4, 6, 8]
+    assert chosen["chosen_step"] == 4 and chosen["last_step"] == 8 and chosen["best"]["score"] == 0.5
+    model, _, _ = load_trained(str(tmp_path / "q"), dtype="float32")
+    saved = {n: p for n, p in model.named_parameters() if "lora_" in n}
+    at_best = {n: v for n, v in seen[1].items()}
+    at_last = {n: v for n, v in seen[3].items()}
+    assert len(saved) == len(at_best) > 0
+    for (name, value), best, last in zip(sorted(saved.items()), sorted(at_best.items()), sorted(at_last.items())):
+        assert torch.equal(value.float(), best[1].float()), name  # the best step's weights, exactly
+    assert any(not torch.equal(b[1], lst[1]) for b, lst in zip(sorted(at_best.items()), sorted(at_last.items())))
+
+
+def test_select_last_keeps_the_final_step(tiny_model, free_text, tmp_path, monkeypatch):
+    scripted(monkeypatch, [0.1, 0.5, 0.3, 0.2])
+    metrics = train("adapter", settings(tiny_model, free_text, tmp_path / "a", eval_steps=2, select="last",
+                                        early_stopping=0), methods.get("adapter").Options(adapter_size=8),
+                    log=lambda *a: None)
+    assert metrics["selection"] is None
+
+
+def test_early_stopping_stops_after_n_evaluations_without_gain(tiny_model, free_text, tmp_path, monkeypatch):
+    scripted(monkeypatch, [0.5, 0.4, 0.3, 0.2, 0.1, 0.0, 0.0, 0.0])
+    metrics = train("ptuning", settings(tiny_model, free_text, tmp_path / "p", eval_steps=1, early_stopping=2,
+                                        max_steps=8), methods.get("ptuning").Options(num_virtual_tokens=4),
+                    log=lambda *a: None)
+    assert metrics["steps"] == 3 and metrics["selection"]["stopped_early"]
+    assert metrics["selection"]["chosen_step"] == 1
+
+
+def test_a_budget_too_short_for_one_candidate_stops_before_the_run(tiny_model, free_text, tmp_path):
+    with pytest.raises(UsageError, match="--sweep_budget_s 0.001 is too short for one candidate: 1 steps of qlora"):
+        train("qlora", settings(tiny_model, free_text, tmp_path / "q", learning_rate="auto", sweep_budget_s=0.001),
+              methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=lambda *a: None)
+    assert not (tmp_path / "q").exists()
+
+
+def test_the_time_limit_stops_a_candidate_when_its_share_is_spent(monkeypatch):
+    clock = iter(range(0, 1000, 10))  # every reading of the clock is 10 s later
+    monkeypatch.setattr(selection.time, "time", lambda: next(clock))
+
+    class Control:
+        should_training_stop = False
+
+    limit, control = selection.time_limit_callback(25), Control()
+    limit.on_train_begin(None, None, control)
+    steps = 0
+    while not control.should_training_stop:
+        steps += 1
+        limit.on_step_end(None, None, control)
+    assert steps == 3  # 10, 20 s: go on; 30 s > 25: stop
+
+
+def test_too_few_steps_for_a_search_says_the_minimum(tiny_model, free_text, tmp_path, capsys):
+    code = run(["train", "--method", "qlora", "--model_name", tiny_model, "--data_path", free_text, "--output_dir",
+                str(tmp_path / "q"), "--learning_rate", "auto", "--max_steps", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "--learning_rate auto needs a run of at least 8 steps" in err and "--max_steps is 5" in err
+
+
+def test_the_candidates_hold_the_default_and_larger_steps_for_smaller_models():
+    qlora = methods.get("qlora")
+    assert selection.candidates(qlora, 7_240_000_000) == [5e-5, 2e-4, 8e-4, 3.2e-3]  # the default's size: no scaling
+    small = selection.candidates(qlora, 135_000_000)
+    assert 2e-4 in small and len(small) == 5 and max(small) > 10 * 2e-4
+
+
+def test_balance_labels_oversamples_the_rarer_labels():
+    records = [{"options": {"A": "yes", "B": "no"}, "label": "A", "question": f"q{i}"} for i in range(7)] + [
+        {"options": {"A": "yes", "B": "no"}, "label": "B", "question": f"r{i}"} for i in range(2)] + [
+        {"options": None, "label": None, "question": "free"}]
+    balanced, info = selection.balance_labels(records)
+    labels = [r["label"] for r in balanced if r.get("options")]
+    assert labels.count("A") == labels.count("B") == 7 and info == {"before": {"A": 7, "B": 2},
+                                                                      "after": {"A": 7, "B": 7}, "added": 5}
+    assert sum(r["question"] == "free" for r in balanced) == 1
+    assert selection.balance_labels(records[:7]) == (records[:7], None)  # one label: nothing to balance
+
+
+def test_run_all_searches_unless_a_learning_rate_is_given(tiny_model, tmp_path):
+    from medpeft.pipeline import DEMO_CONFIG, plan
+
+    searched = plan(["--model_name", tiny_model, "--output_root", str(tmp_path)])
+    assert all(cfg.learning_rate == "auto" for cfg, _ in searched.stages.values())
+    given = plan(["--model_name", tiny_model, "--output_root", str(tmp_path), "--learning_rate", "3e-4"])
+    assert all(cfg.learning_rate == 3e-4 for cfg, _ in given.stages.values())
+    demo = plan(["--config", str(DEMO_CONFIG)])
+    assert {n: cfg.learning_rate for n, (cfg, _) in demo.stages.items()} == {"qlora": 2e-3, "adapter": 2e-3,
+                                                                             "ptuning": 3e-3}
