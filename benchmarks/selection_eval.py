@@ -64,28 +64,50 @@ def main(argv=None):
     p.add_argument("--epochs", type=float, default=2)
     p.add_argument("--items_per_fact", type=int, default=8)
     p.add_argument("--methods", default="qlora,adapter,ptuning")
+    p.add_argument("--medquad", help="instead: MedQuAD's CSV, a subset of --max_rows rows, free-text answers")
+    p.add_argument("--max_rows", type=int, default=1200)
+    p.add_argument("--max_steps", type=int, default=40)
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(exist_ok=True)
-    data = work / "ynm.jsonl"
-    rows = build(args.items_per_fact)
-    data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
-    prior = {s: {k: sum(r["final_decision"] == k and r["split"] == s for r in rows) for k in ("yes", "no", "maybe")}
-             for s in ("train", "validation", "test")}
-    common = {"input_data": str(data), "model_name": "smollm2-135m", "num_epochs": args.epochs, "batch_size": 16,
-              "dtype": "auto", "system_prompt": "Answer briefly.", "max_samples": -1, "eval_batch_size": 32,
-              "max_new_tokens": 4, "max_length": 256, "methods": args.methods, "max_eval_samples": 64,
-              "gradient_checkpointing": False}
+    if args.medquad:
+        import csv
+
+        with open(args.medquad, newline="", encoding="utf-8") as f:
+            subset = [r for _, r in zip(range(args.max_rows), csv.DictReader(f))]
+        data, prior, name = work / "medquad_subset.csv", None, "selection_eval_medquad"
+        with open(data, "w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(subset[0]))
+            writer.writeheader()
+            writer.writerows(subset)
+        common = {"input_data": str(data), "model_name": "smollm2-135m", "max_steps": args.max_steps,
+                  "batch_size": 8, "dtype": "auto", "max_samples": 40, "eval_batch_size": 16, "max_new_tokens": 16,
+                  "max_length": 256, "methods": args.methods, "max_eval_samples": 48, "group_by": "focus",
+                  "gradient_checkpointing": False, "eval_steps": 10}
+        rows = None
+    else:
+        data, name = work / "ynm.jsonl", "selection_eval"
+        rows = build(args.items_per_fact)
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+        prior = {s: {k: sum(r["final_decision"] == k and r["split"] == s for r in rows)
+                     for k in ("yes", "no", "maybe")} for s in ("train", "validation", "test")}
+        common = {"input_data": str(data), "model_name": "smollm2-135m", "num_epochs": args.epochs,
+                  "batch_size": 16, "dtype": "auto", "system_prompt": "Answer briefly.", "max_samples": -1,
+                  "eval_batch_size": 32, "max_new_tokens": 4, "max_length": 256, "methods": args.methods,
+                  "max_eval_samples": 64, "gradient_checkpointing": False}
     seed_lr = {"qlora": 2e-4, "adapter": 1e-4, "ptuning": 5e-5}
     runs = {"before": common | {"select": "last"} | {m: {"learning_rate": seed_lr[m]} for m in seed_lr},
             "after": common | {"select": "best"}}
-    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "items": len(rows), "label_counts": prior, "runs": {}}
-    for name, settings in runs.items():
-        (work / f"{name}.yaml").write_text(yaml.safe_dump(settings | {"output_root": str(work / name)}))
+    out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "items": len(rows) if rows else None,
+           "label_counts": prior, "settings": common, "runs": {}}
+    for run_name, settings in runs.items():
+        (work / f"{run_name}.yaml").write_text(yaml.safe_dump(settings | {"output_root": str(work / run_name)}))
         t0 = time.time()
-        assert run(["--config", str(work / f"{name}.yaml")], prog="run_all.py", command="run") == 0
-        results = json.loads((work / name / "evaluation_results.json").read_text())
-        entry = {"seconds": round(time.time() - t0, 1), "majority": results["majority_baseline"]["accuracy"]}
+        argv = ["--config", str(work / f"{run_name}.yaml")]
+        assert run(argv, prog="run_all.py", command="run") == 0
+        results = json.loads((work / run_name / "evaluation_results.json").read_text())
+        entry = {"seconds": round(time.time() - t0, 1),
+                 "majority": (results.get("majority_baseline") or {}).get("accuracy")}
         for method, e in results["models"].items():
             c = e.get("choice") or {}
             row = {"accuracy": c.get("accuracy_loglik"), "macro_f1": c.get("macro_f1_loglik"),
@@ -93,9 +115,9 @@ def main(argv=None):
                    "collapsed": c.get("picks", {}).get("loglik", {}).get("collapsed"),
                    "accuracy_letter": c.get("accuracy_letter"), "macro_f1_letter": c.get("macro_f1_letter")}
             if method != "base":
-                metrics = json.loads((work / name / "models" / method / "metrics.json").read_text())
+                metrics = json.loads((work / run_name / "models" / method / "metrics.json").read_text())
                 sel, search = metrics.get("selection") or {}, metrics.get("learning_rate_search")
-                row |= {"learning_rate": json.loads((work / name / "models" / method / "medpeft_config.json")
+                row |= {"learning_rate": json.loads((work / run_name / "models" / method / "medpeft_config.json")
                                                     .read_text())["settings"]["learning_rate"],
                         "validation_score": (metrics.get("validation_score") or {}).get("score"),
                         "chosen_step": sel.get("chosen_step"), "steps": metrics["steps"],
@@ -104,11 +126,11 @@ def main(argv=None):
                         "search": search and {k: search[k] for k in ("candidates", "winner", "margin", "seconds",
                                                                      "cost_ratio", "steps_per_candidate")}}
             entry[method] = row
-        out["runs"][name] = entry
+        out["runs"][run_name] = entry
     from medpeft.precision import cpu_name, explain
 
     out["cpu"], out["compute"] = cpu_name(), explain("auto", "cpu")
-    path = HERE / "results" / "selection_eval.json"
+    path = HERE / "results" / f"{name}.json"
     path.write_text(json.dumps(out, indent=1), encoding="utf-8")
     print(json.dumps(out, indent=1)[:6000])
     print(f"wrote {path}")

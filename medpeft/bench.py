@@ -24,10 +24,13 @@ from pathlib import Path
 import torch
 
 from .classification import paired_sets
+from .config import PrepareConfig
 from .errors import UsageError
 from .evaluation import check_outputs, load_target, targets_of
 from .modeling import autocast, hub_reachable
 from .outputs import write_json
+from .readers import read_rows
+from .records import detect_schema, to_record
 
 TASKS_DIR = Path(__file__).parent / "resources" / "lm_eval_tasks"
 GROUPS = {  # what the Open Medical-LLM Leaderboard reports, and general tasks for the forgetting check
@@ -88,6 +91,7 @@ def resolve_tasks(cfg, task_manager, names: list[str]) -> None:
             if not where.is_file():
                 raise UsageError(f"--tasks: {name} reads '{where}', which does not exist; put the file there "
                                  "(the README's layouts) or point --data_dir at its folder")
+            _check_local_file(name, where)
     hub = [n for n in names if n not in LOCAL_FILES and not _is_user_task(cfg, n)]
     if hub and not hub_reachable():
         local = {"pubmedqa": "pubmedqa_local", "medqa_4options": "medqa_local", "medmcqa": "medmcqa_local"}
@@ -95,6 +99,19 @@ def resolve_tasks(cfg, task_manager, names: list[str]) -> None:
                          "reached; offline, use the local tasks (" + ", ".join(
                              f"{local.get(n, 'general_local')} reading {LOCAL_FILES[local.get(n, 'general_local')]}"
                              for n in hub) + ") with --data_dir")
+
+
+def _check_local_file(name: str, path: Path) -> None:
+    """A local task's file must hold multiple-choice rows medpeft can read (what the task files score)."""
+    rows, _ = read_rows(str(path))
+    try:
+        schema = detect_schema(rows, PrepareConfig(input_data=str(path)))
+    except UsageError as exc:
+        raise UsageError(f"--tasks: {name} reads '{path}': {exc}") from None
+    usable = sum(bool((rec := to_record(r, schema, "")[0]) and rec.get("options")) for r in rows)
+    if not usable:
+        raise UsageError(f"--tasks: {name} reads '{path}', whose {len(rows)} rows hold no multiple-choice item "
+                         "(question, options and a right answer, in the README's layouts)")
 
 
 def _is_user_task(cfg, name: str) -> bool:

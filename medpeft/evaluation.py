@@ -59,6 +59,8 @@ def evaluate_model(model, tokenizer, records: list[dict], cfg, desc: str) -> dic
     scored = [i for i, n in enumerate(found["tokens"]) if n]  # records with answer tokens within --max_length
     result: dict = {"loss": loss_summary([found["nll"][i] for i in scored], [found["tokens"][i] for i in scored],
                                          interval=True, seed=cfg.seed)}
+    # an item whose answer starts beyond --max_length has no loss: counted, never silently left out
+    result["loss"]["items_without_answer_tokens"] = len(records) - len(scored)
     timing = found["timing"]
     by_id = dict(zip((id(r) for r in records), found["answers"]))
     options_by_id = dict(zip((id(r) for r in records), found["options"]))
@@ -352,7 +354,9 @@ def _add_significance(results: dict, majority_baseline: dict | None) -> None:
 
 
 def _summary_line(entry: dict) -> str:
-    parts = [f"{entry['name']}: loss {entry['loss']['loss']:.3f} (ppl {entry['loss']['perplexity']:.2f})"]
+    missing = entry["loss"].get("items_without_answer_tokens")
+    parts = [f"{entry['name']}: loss {entry['loss']['loss']:.3f} (ppl {entry['loss']['perplexity']:.2f}"
+             + (f"; {missing} items have no answer token within --max_length" if missing else "") + ")"]
     if "generation" in entry:
         parts.append(f"ROUGE-L {entry['generation']['rougeL']:.3f}")
     if "choice" in entry:

@@ -164,3 +164,12 @@ def test_an_output_of_another_base_is_refused(outputs, local, tmp_path, capsys):
                 "--data_dir", str(local)])
     err = capsys.readouterr().err.strip()
     assert code == 2 and "was trained on base model" in err and "num_hidden_layers" in err
+
+
+@pytest.mark.parametrize("content", ['{"question": "What is fever?", "answer": "A rise in temperature."}\n',
+                                     '{"question": "Which?", "options": {"A": "x"}, "answer_idx": "A"}\n', "\x00\xff"])
+def test_a_local_file_without_a_multiple_choice_item_is_refused_in_one_line(tiny_model, tmp_path, capsys, content):
+    (tmp_path / "medqa_test.jsonl").write_text(content)
+    code = run(["bench", "--base_model", tiny_model, "--tasks", "medqa_local", "--data_dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "medqa_test.jsonl" in err, err

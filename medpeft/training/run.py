@@ -227,7 +227,9 @@ class TrainingRun:
             self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
             final_val = self.validation_loss("final validation")
             if self.val_records and score_base:  # what the saved weights score on the selection's measure
-                self.validation_score = validation_score(self.model, self.tokenizer, self.val_records, cfg)
+                kept = self.selection and next((h for h in self.selection["history"]
+                                                if h["step"] == self.selection["chosen_step"]), None)
+                self.validation_score = kept or validation_score(self.model, self.tokenizer, self.val_records, cfg)
                 self.log(f"validation {self.validation_score['metric']}: {self.validation_score['score']:.4f}")
         base_val = base_val or {"loss": None, "perplexity": None}  # a learning-rate candidate skips the base
         self.log(f"validation loss after training: {final_val['loss']:.4f}"
