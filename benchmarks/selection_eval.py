@@ -30,7 +30,7 @@ QUESTION = {"treatment": "Is {a} the first-line treatment of {s}?", "mechanism":
             "test": "Is {a} the test of choice for {s}?", "cause": "Is {s} caused by {a}?"}
 
 
-def build(items_per_fact: int = 8, seed: int = 0) -> list[dict]:
+def build(items_per_fact: int = 6, seed: int = 0) -> list[dict]:
     from medpeft.sample_data import FACTS
 
     rng = random.Random(seed)
@@ -62,7 +62,7 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--work", default="selection_eval")
     p.add_argument("--epochs", type=float, default=2)
-    p.add_argument("--items_per_fact", type=int, default=8)
+    p.add_argument("--items_per_fact", type=int, default=6)
     p.add_argument("--methods", default="qlora,adapter,ptuning")
     p.add_argument("--medquad", help="instead: MedQuAD's CSV, a subset of --max_rows rows, free-text answers")
     p.add_argument("--max_rows", type=int, default=1200)

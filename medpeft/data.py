@@ -147,7 +147,8 @@ def prepare(cfg, log=print, fingerprint: str | None = None) -> dict:
             dropped[reason] += 1
             lost.get(split, Counter())[reason] += 1
             continue
-        key = (normalise(rec["question"]), normalise(rec["answer"]), rec["options"] and json.dumps(rec["options"]))
+        key = (normalise(rec["question"]), normalise(rec["answer"]), rec["options"] and json.dumps(rec["options"]),
+               normalise(rec.get("context") or ""))  # one question about two passages is two items
         if key in seen and split != "test":  # a benchmark's test items are all scored, repeats included
             dropped["duplicate of an earlier row"] += 1
             lost.get(split, Counter())["duplicate of an earlier row"] += 1

@@ -344,3 +344,12 @@ def test_shorten_context_off_drops_the_row_as_before(tmp_path, tiny_model):
     with pytest.raises(UsageError, match="every prompt is longer than --max_length 256"):
         run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "p.jsonl", rows), max_length=256,
                     shorten_context="off")
+
+
+def test_one_question_about_two_contexts_is_two_items(tmp_path, tiny_model):
+    rows = [{"question": "Is drug A the treatment of condition B?", "context": context, "final_decision": label}
+            for context, label in (("Condition B is treated with drug A.", "yes"),
+                                   ("Condition C is treated with drug D.", "maybe"),
+                                   ("Condition B is treated with drug A; in children too.", "yes"))]
+    meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "c.jsonl", rows + rows[:1]))
+    assert meta["rows"]["kept"] == 3 and meta["rows"]["dropped_by_reason"] == {"duplicate of an earlier row": 1}
