@@ -26,8 +26,8 @@ import torch
 from .classification import paired_sets
 from .config import PrepareConfig
 from .errors import UsageError
-from .evaluation import check_outputs, load_target, targets_of
-from .modeling import autocast, hub_reachable
+from .evaluation import check_outputs, is_lora, load_target, targets_of
+from .modeling import autocast, default_device, hub_reachable
 from .outputs import write_json
 from .readers import read_rows
 from .records import detect_schema, to_record
@@ -190,6 +190,8 @@ def run_bench(cfg, log=print) -> dict:
             model = None
             try:
                 model, tokenizer, _ = load_target(name, path, cfg)
+                if default_device() == "cpu" and is_lora(model):  # as evaluate does: the CPU runs it merged faster
+                    model = model.merge_and_unload()
                 out = lm_eval.simple_evaluate(model=_as_lm(model, tokenizer, cfg, HFLM), tasks=medical + general,
                                               task_manager=task_manager, limit=cfg.limit if cfg.limit > 0 else None,
                                               log_samples=True, bootstrap_iters=1000, random_seed=cfg.seed,

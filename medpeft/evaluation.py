@@ -167,7 +167,7 @@ def _efficiency_from_training(path: str) -> tuple[dict, dict | None]:
     return eff, training
 
 
-def _is_lora(model) -> bool:
+def is_lora(model) -> bool:
     config = getattr(model, "peft_config", {}).get("default")
     return hasattr(model, "merge_and_unload") and getattr(getattr(config, "peft_type", None), "value", None) == "LORA"
 
@@ -183,7 +183,7 @@ def _merge_for_evaluation(model, tokenizer, records, cfg) -> tuple[object, dict]
     """On the CPU a LoRA model is evaluated merged (its extra small matmuls cost a third of the time there),
     after timing one batch as trained; elsewhere it is evaluated as trained and one batch is timed merged.
     Returns the model to evaluate and the speed of the other form."""
-    if not _is_lora(model):
+    if not is_lora(model):
         return model, {}
     if next(model.parameters()).device.type != "cpu":
         return model, {}
@@ -193,7 +193,7 @@ def _merge_for_evaluation(model, tokenizer, records, cfg) -> tuple[object, dict]
 
 def _merged_speed(model, tokenizer, records, cfg) -> dict:
     """Generation speed after folding LoRA into the base (only LoRA can be merged)."""
-    return _speed_of(model.merge_and_unload(), tokenizer, records, cfg, "merged") if _is_lora(model) else {}
+    return _speed_of(model.merge_and_unload(), tokenizer, records, cfg, "merged") if is_lora(model) else {}
 
 
 def targets_of(cfg) -> list[tuple[str, str]]:
