@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import difflib
 import json
+from collections import Counter
 import re
 import shutil
 import tempfile
@@ -158,8 +159,11 @@ def _per_task(out: dict) -> dict:
         samples = out.get("samples", {}).get(task)
         if not samples:  # a group's aggregate row
             continue
+        gold = Counter(str(s["target"]) for s in samples)
         entry = {"acc": metrics.get("acc,none"), "acc_stderr": metrics.get("acc_stderr,none"),
                  "items": len(samples), "hits": {str(s["doc_id"]): float(s["acc"]) for s in samples},
+                 # always giving the items' most frequent answer (the test prior: an upper bound of the baseline)
+                 "majority_acc": round(max(gold.values()) / len(samples), 4),
                  "picks": {str(s["doc_id"]): _argmax([r[0] for r in s["filtered_resps"]]) for s in samples}}
         if metrics.get("acc_norm,none") is not None:
             entry["acc_norm"] = metrics["acc_norm,none"]

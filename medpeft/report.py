@@ -290,7 +290,8 @@ def bench_lines(results: dict) -> list[str]:
         if not tasks:
             continue
         models = list(bench["models"])
-        lines += ["", f"{title}:", "", "| task | items | " + " | ".join(models) + " |", "|---|---:|" + "---|" * len(models)]
+        lines += ["", f"{title}:", "", "| task | items | majority | " + " | ".join(models) + " |",
+                  "|---|---:|---:|" + "---|" * len(models)]
         for task in tasks:
             cells = []
             for m in models:
@@ -303,9 +304,11 @@ def bench_lines(results: dict) -> list[str]:
                     lo, hi = r["gain_vs_base_ci"]
                     cell += f" ({r['gain_vs_base']:+.3f} [{lo:+.3f}, {hi:+.3f}]{' *' if r['significant'] else ''})"
                 cells.append(cell)
-            n = next((bench["models"][m][task]["items"] for m in models if bench["models"][m].get(task)), 0)
-            lines.append(f"| {task} | {n} | " + " | ".join(cells) + " |")
-    lines += ["", "* outside the paired interval: significant."]
+            first = next((bench["models"][m][task] for m in models if bench["models"][m].get(task)), {})
+            majority = f"{first['majority_acc']:.3f}" if first.get("majority_acc") is not None else "–"
+            lines.append(f"| {task} | {first.get('items', 0)} | {majority} | " + " | ".join(cells) + " |")
+    lines += ["", "* outside the paired interval: significant. majority: always giving the task's most frequent "
+              "right answer (its prior on these items), the baseline an accuracy must beat to mean more than that."]
     errors = [f"{m}: {v['_error']}" for m, v in bench["models"].items() if v.get("_error")]
     return lines + [f"failed: {e}" for e in errors]
 
@@ -318,13 +321,16 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     cover = (results.get("coverage") or {}).get("line")
     intro = (f"{results['test_items']} test items from `{results['test_data']}` "
              f"({results['choice_items']} multiple choice), created {results['created']}."
-             + (f" Coverage: {cover}." if cover else ""))
+             + (f" Coverage: {cover}." if cover else "")) if results.get("models") else (
+        f"Standard benchmarks only (medpeft bench), created {results['created']}; run utils/evaluate_models.py "
+        "with the same --output_file for the test-split comparison.")
 
     files = out_dir / "report_files"
     files.mkdir(exist_ok=True)
-    md = ["# medpeft evaluation report", "", intro, "", "| " + " | ".join(headers) + " |",
-          "|" + "---|" * len(headers)]
-    md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
+    md = ["# medpeft evaluation report", "", intro]
+    if rows:
+        md += ["", "| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        md += ["| " + " | ".join(c.replace("|", "/") for c in row) + " |" for row in rows]
     for name, data in figures.items():
         atomic_write(files / f"{name}.png", data)
         md += ["", f"![{name}](report_files/{name}.png)"]
@@ -355,7 +361,7 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
 
     esc = html.escape
     table = "<table><tr>" + "".join(f"<th>{esc(h)}</th>" for h in headers) + "</tr>" + "".join(
-        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>"
+        "<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows) + "</table>" if rows else ""
     images = "".join(f'<figure><img alt="{esc(n)}" src="data:image/png;base64,{base64.b64encode(d).decode()}">'
                      f"</figure>" for n, d in figures.items())
     sample_html = "".join(

@@ -79,6 +79,7 @@ def test_bench_scores_every_model_on_every_local_task_with_paired_intervals(benc
             r = tasks[task]
             assert r["items"] == n and len(r["hits"]) == n and 0 <= r["acc"] <= 1 and r["acc_stderr"] > 0
             assert r["acc"] == pytest.approx(sum(r["hits"].values()) / n)
+            assert 1 / 4 <= r["majority_acc"] <= 1  # the most frequent right answer's share
             if name != "base":
                 lo, hi = r["gain_vs_base_ci"]
                 assert lo <= r["gain_vs_base"] <= hi
