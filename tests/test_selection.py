@@ -39,7 +39,7 @@ def test_the_search_picks_the_learning_rate_that_clearly_wins(tiny_model, free_t
     # a step too small to learn anything, and one that learns
     monkeypatch.setattr(selection, "candidates", lambda method, n: [1e-7, 1e-2])
     logs = []
-    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "q", learning_rate="auto"),
+    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "new" / "q", learning_rate="auto"),
                     methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=logs.append)
     search = metrics["learning_rate_search"]
     assert search["winner"] == 1e-2 and [c["learning_rate"] for c in search["candidates"]] == [1e-7, 1e-2]
@@ -47,11 +47,13 @@ def test_the_search_picks_the_learning_rate_that_clearly_wins(tiny_model, free_t
     assert search["metric"] == "-answer loss" and high["loss"] < low["loss"] - 0.05
     assert search["steps_per_candidate"] == 4 and all(c["steps"] == 4 for c in search["candidates"])
     assert metrics["steps"] == 8 and search["cost_ratio"] > 0
-    saved = json.loads((tmp_path / "q" / "metrics.json").read_text())
+    out = tmp_path / "new" / "q"  # a folder whose parent did not exist yet
+    saved = json.loads((out / "metrics.json").read_text())
     assert saved["learning_rate_search"]["candidates"] == search["candidates"]  # the table is in metrics.json
-    assert json.loads((tmp_path / "q" / "medpeft_config.json").read_text())["settings"]["learning_rate"] == 1e-2
+    assert json.loads((out / "medpeft_config.json").read_text())["settings"]["learning_rate"] == 1e-2
     assert any("learning rate search: 0.01 wins by" in line for line in logs)
-    assert "| learning rate | score |" in (tmp_path / "q" / "README.md").read_text()
+    assert "| learning rate | score |" in (out / "README.md").read_text()
+    assert [p.name for p in out.parent.iterdir()] == ["q"]  # the candidates' scratch folders are gone
 
 
 def test_an_explicit_learning_rate_runs_no_search(tiny_model, free_text, tmp_path):

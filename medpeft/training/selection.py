@@ -206,6 +206,7 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
     steps = cfg.sweep_steps or min(100, max(MIN_SWEEP_STEPS, round(total / 4)))
     steps = min(steps, total)
     rows, started = [], time.time()
+    Path(cfg.output_dir).parent.mkdir(parents=True, exist_ok=True)  # a fresh run's models/ folder, say
     scratch = Path(tempfile.mkdtemp(prefix=".lr-search-", dir=Path(cfg.output_dir).parent))
     grid = None
     try:
