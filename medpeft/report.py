@@ -219,6 +219,18 @@ def _quality(entry: dict) -> tuple[str, float] | None:
     return None
 
 
+def _selected(training: dict) -> str:
+    """How the ranked weights were chosen: the searched learning rate and the checkpoint kept."""
+    parts = []
+    if training.get("learning_rate_search"):
+        search = training["learning_rate_search"]
+        parts.append(f"lr {search['winner']:.2g} searched ({search['seconds']:.0f} s)")
+    chosen = training.get("selection")
+    if chosen and chosen.get("chosen_step") is not None:
+        parts.append(f"step {chosen['chosen_step']} of {chosen['last_step']} ({chosen['select']})")
+    return "; ".join(parts) or "as given, last step"
+
+
 def recommend(results: dict, memory_gb: float | None = None) -> list[dict]:
     """Fine-tuned methods ranked by measured quality; `fits` = peak training memory within `memory_gb`;
     `pareto` = no other fitting method is at least as good in quality, memory and training time and better in one."""
@@ -230,7 +242,8 @@ def recommend(results: dict, memory_gb: float | None = None) -> list[dict]:
         measure, value = _quality(entry)
         rows.append({"method": name, "measure": measure, "quality": value, "memory_gb": eff.get("peak_memory_gb"),
                      "train_s": eff.get("train_runtime_s"), "size_mb": round((eff.get("size_bytes") or 0) / 1e6, 2),
-                     "fits": memory_gb is None or (eff.get("peak_memory_gb") or 0) <= memory_gb})
+                     "fits": memory_gb is None or (eff.get("peak_memory_gb") or 0) <= memory_gb,
+                     "selected": _selected(entry.get("training") or {})})
     fitting = [r for r in rows if r["fits"]]
     for r in rows:
         keys = ("quality", "memory_gb", "train_s")
@@ -250,12 +263,12 @@ def recommend_lines(results: dict, memory_gb: float | None = None) -> list[str]:
     if not rows:
         return ["no fine-tuned method with results to rank"]
     lines = [f"methods ranked by {rows[0]['measure']} under {budget} (memory = peak during training, as measured):",
-             "| rank | method | " + rows[0]["measure"] + " | peak memory GB | train s | weights MB | fits | Pareto |",
-             "|---:|---|---:|---:|---:|---:|---|---|"]
+             "| rank | method | " + rows[0]["measure"] + " | peak memory GB | train s | weights MB | fits | Pareto "
+             "| settings selected |", "|---:|---|---:|---:|---:|---:|---|---|---|"]
     for i, r in enumerate(rows, start=1):
         lines.append(f"| {i if r['fits'] else '-'} | {r['method']} | {r['quality']:.4g} | {r['memory_gb']} | "
                      f"{r['train_s']} | {r['size_mb']} | {'yes' if r['fits'] else 'no'} | "
-                     f"{'yes' if r['pareto'] else ''} |")
+                     f"{'yes' if r['pareto'] else ''} | {r['selected']} |")
     best = next((r for r in rows if r["fits"]), None)
     lines.append(f"recommended: {best['method']}" if best else "recommended: none fits; lower the memory need "
                  "(4-bit base, smaller --batch_size, shorter --max_length) or raise the budget")

@@ -68,7 +68,8 @@ def scripted(monkeypatch, scores):
 
     def score(model, tokenizer, records, cfg):
         seen.append({n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad})
-        return {"metric": "scripted", "score": scores[len(seen) - 1], "loss": 0.0}
+        value, loss = scores[len(seen) - 1] if isinstance(scores[len(seen) - 1], tuple) else (scores[len(seen) - 1], 0.0)
+        return {"metric": "scripted", "score": value, "loss": loss}
 
     monkeypatch.setattr(training_run, "score_unpatched", score)
     return seen
@@ -88,6 +89,14 @@ def test_best_differs_from_last_and_is_the_one_saved(tiny_model, free_text, tmp_
     for name, value in saved.items():
         assert torch.equal(value.float(), at_best[name].float()), name  # the best step's weights, exactly
     assert any(not torch.equal(at_best[n], at_last[n]) for n in saved)  # which the last step's are not
+
+
+def test_equal_scores_are_broken_by_the_lower_validation_loss(tiny_model, free_text, tmp_path, monkeypatch):
+    # accuracy on a few items ties often: the demo kept its first scoring over a later one with a lower loss
+    scripted(monkeypatch, [(0.5, 2.0), (0.5, 1.5), (0.5, 1.8), (0.3, 1.0)])
+    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "q", eval_steps=2, load_in_4bit=False),
+                    methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=lambda *a: None)
+    assert metrics["selection"]["chosen_step"] == 4 and metrics["selection"]["best"]["loss"] == 1.5
 
 
 def test_select_last_keeps_the_final_step(tiny_model, free_text, tmp_path, monkeypatch):

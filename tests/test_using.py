@@ -121,6 +121,9 @@ def test_recommend_ranks_methods_within_a_memory_budget(tmp_path, capsys):
     results = {"models": {"base": {"status": "ok", "choice": {"accuracy_loglik": 0.2}},
                           "qlora": entry(0.6, 5.0, 100), "adapter": entry(0.7, 9.0, 80),
                           "ptuning": entry(0.4, 8.0, 120)}}
+    results["models"]["qlora"]["training"] = {  # ranked as selected: the searched rate and the step kept say so
+        "learning_rate_search": {"winner": 2e-3, "seconds": 41.6},
+        "selection": {"chosen_step": 9, "last_step": 18, "select": "best"}}
     path = tmp_path / "r.json"
     path.write_text(json.dumps(results))
     assert run(["recommend", "--results", str(path), "--memory_gb", "8"]) == 0
@@ -128,10 +131,13 @@ def test_recommend_ranks_methods_within_a_memory_budget(tmp_path, capsys):
     assert "recommended: qlora" in out  # the adapter is better but needs 9 GB
     lines = [line for line in out.splitlines() if line.startswith("| ")]
     assert "| 1 | qlora |" in lines[1] and "| - | adapter |" in out
+    assert lines[1].endswith("| lr 0.002 searched (42 s); step 9 of 18 (best) |")
+    assert lines[2].endswith("| as given, last step |")
     assert run(["recommend", "--results", str(path)]) == 0
     out = capsys.readouterr().out
     assert "recommended: adapter" in out
-    pareto = {line.split("|")[2].strip() for line in out.splitlines() if line.rstrip().endswith("yes |")}
+    pareto = {line.split("|")[2].strip() for line in out.splitlines() if line.startswith("| ")
+              and line.split("|")[8].strip() == "yes"}
     assert pareto == {"adapter", "qlora"}  # P-Tuning is worse, bigger and slower than qlora
     assert run(["recommend", "--results", str(tmp_path / "missing.json")]) == 2
 

@@ -112,6 +112,11 @@ def time_limit_callback(seconds: float):
     return TimeLimit()
 
 
+def rank_key(result: dict) -> tuple:
+    """Higher is better: the score, then (ties are common in accuracy on a few items) the lower answer loss."""
+    return result["score"], -result.get("loss", 0.0)
+
+
 def evaluation_interval(cfg, steps_per_epoch: int) -> int:
     """Steps between validation scores: --eval_steps, else twice per epoch (at least every step)."""
     return cfg.eval_steps or max(1, steps_per_epoch // 2)
@@ -138,7 +143,7 @@ def selector_callback(score_fn, every: int, cfg, model, log, resume: Path | None
                 return
             result = score_fn() | {"step": state.global_step}
             self.history.append(result)
-            if self.best is None or result["score"] > self.best["score"]:
+            if self.best is None or rank_key(result) > rank_key(self.best):
                 self.best, self.best_state, self.stale = dict(result), trainable_state(model), 0
             else:
                 self.stale += 1
@@ -238,7 +243,7 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
             k += 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    ranked = sorted(rows, key=lambda r: -r["score"])
+    ranked = sorted(rows, key=rank_key, reverse=True)
     winner = ranked[0]
     margin = winner["score"] - ranked[1]["score"] if len(ranked) > 1 else 0.0
     runner_up = f" over {ranked[1]['learning_rate']:.2g}" if len(ranked) > 1 else ""
