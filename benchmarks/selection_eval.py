@@ -10,6 +10,13 @@ through run_all (prepare, train, evaluate); "before" gives the seed's learning r
 the last step, "after" searches the learning rate and keeps the best checkpoint. Prints per method the validation
 score each run selected, the candidates, test accuracy and macro-F1 and the predicted labels; writes
 benchmarks/results/selection_eval.json.
+
+    python benchmarks/selection_eval.py --sample --work selection_eval_sample      # the demo's settings
+    python benchmarks/selection_eval.py --medquad ../shared/data/medquad.csv --work selection_eval_medquad
+
+The same comparison on the bundled sample with the demo's settings (its hand-set learning rates replaced: the seed's
+in "before", the search in "after"), and on a MedQuAD subset (free text: the validation score is minus the answer
+loss); results in selection_eval_sample.json and selection_eval_medquad.json.
 """
 
 import argparse
@@ -22,6 +29,7 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
+METHODS = ("qlora", "adapter", "ptuning")
 sys.path.insert(0, str(HERE.parent))
 
 STATEMENT = {"treatment": "The first-line treatment of {s} is {a}.", "mechanism": "{S} works by {a}.",
@@ -65,12 +73,18 @@ def main(argv=None):
     p.add_argument("--items_per_fact", type=int, default=6)
     p.add_argument("--methods", default="qlora,adapter,ptuning")
     p.add_argument("--medquad", help="instead: MedQuAD's CSV, a subset of --max_rows rows, free-text answers")
+    p.add_argument("--sample", action="store_true", help="instead: the demo's settings on the bundled sample")
     p.add_argument("--max_rows", type=int, default=1200)
     p.add_argument("--max_steps", type=int, default=40)
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(exist_ok=True)
-    if args.medquad:
+    if args.sample:
+        demo = yaml.safe_load((HERE.parent / "medpeft" / "resources" / "demo.yaml").read_text())
+        sections = {m: {k: v for k, v in demo.pop(m).items() if k != "learning_rate"} for m in METHODS}
+        demo.pop("output_root")
+        common, rows, prior, name = demo | sections | {"methods": args.methods}, None, None, "selection_eval_sample"
+    elif args.medquad:
         import csv
 
         with open(args.medquad, newline="", encoding="utf-8") as f:
@@ -96,7 +110,8 @@ def main(argv=None):
                   "eval_batch_size": 32, "max_new_tokens": 4, "max_length": 256, "methods": args.methods,
                   "max_eval_samples": 64, "gradient_checkpointing": False}
     seed_lr = {"qlora": 2e-4, "adapter": 1e-4, "ptuning": 5e-5}
-    runs = {"before": common | {"select": "last"} | {m: {"learning_rate": seed_lr[m]} for m in seed_lr},
+    runs = {"before": common | {"select": "last"} | {m: common.get(m, {}) | {"learning_rate": seed_lr[m]}
+                                                     for m in seed_lr},
             "after": common | {"select": "best"}}
     out = {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "items": len(rows) if rows else None,
            "label_counts": prior, "settings": common, "runs": {}}

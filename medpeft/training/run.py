@@ -225,16 +225,19 @@ class TrainingRun:
         else:
             # Drop the autocast wrapper accelerate put around forward, so the model behaves as it will after loading.
             self.model = trainer.accelerator.unwrap_model(trainer.model, keep_fp32_wrapper=False)
-            final_val = self.validation_loss("final validation")
+            # a learning-rate candidate is scored by the search itself (its validation score holds the loss)
+            final_val = self.validation_loss("final validation") if score_base else None
             if self.val_records and score_base:  # what the saved weights score on the selection's measure
                 kept = self.selection and next((h for h in self.selection["history"]
                                                 if h["step"] == self.selection["chosen_step"]), None)
                 self.validation_score = kept or validation_score(self.model, self.tokenizer, self.val_records, cfg)
                 self.log(f"validation {self.validation_score['metric']}: {self.validation_score['score']:.4f}")
         base_val = base_val or {"loss": None, "perplexity": None}  # a learning-rate candidate skips the base
-        self.log(f"validation loss after training: {final_val['loss']:.4f}"
-                 + (f" (base {base_val['loss']:.4f})" if base_val["loss"] is not None else ""))
-        trainer.log({"eval_answer_loss": final_val["loss"]})
+        if final_val:
+            self.log(f"validation loss after training: {final_val['loss']:.4f}"
+                     + (f" (base {base_val['loss']:.4f})" if base_val["loss"] is not None else ""))
+            trainer.log({"eval_answer_loss": final_val["loss"]})
+        final_val = final_val or {"loss": None, "perplexity": None}
         close_loggers(trainer)
 
         history = trainer.state.log_history

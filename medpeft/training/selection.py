@@ -28,6 +28,7 @@ from ..data import read_metadata
 from ..errors import UsageError
 from ..scoring import loss_summary, score_and_generate
 from .checkpoints import trainable_state
+from .measure import count_parameters
 
 BEST_FILE, BEST_INFO = "best_trainable.safetensors", "best.json"
 SIZE_REFERENCE = 7.24e9  # the default base (Mistral-7B) for which the methods' default learning rates are set
@@ -222,7 +223,7 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
                                         resume_from_checkpoint="", report_to="none", eval_steps=0)
             run = build(method_name, trial, opts, lambda *a, **kw: None)
             try:
-                grid = grid or candidates(method, sum(p.numel() for p in run.model.parameters()))
+                grid = grid or candidates(method, count_parameters(run.model)[1])
                 share = cfg.sweep_budget_s / len(grid) if cfg.sweep_budget_s else None
                 run.cfg = dataclasses.replace(trial, learning_rate=grid[k])
                 run.time_limit_s = share
