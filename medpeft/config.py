@@ -95,6 +95,9 @@ class TrainConfig:
                               "run, 4 to 100)")
     sweep_budget_s: float = opt(0.0, "--learning_rate auto: seconds the whole search may take (0 = no limit); each "
                                      "candidate gets its share and stops when it is spent")
+    sweep_guard: bool = opt(True, "--learning_rate auto: when the search's winner is not the method's default, "
+                                  "train the full run at the default too and keep whichever scores better on "
+                                  "validation (a short candidate favours large steps)")
     select: str = opt("best", "what is saved: best = the checkpoint with the best validation score (multiple-choice "
                               "accuracy and macro-F1 where the data has options, answer loss otherwise), evaluated "
                               "every --eval_steps; last = the final step", ["best", "last"])

@@ -228,6 +228,11 @@ def selection_lines(metrics: dict) -> list[str]:
                   "| learning rate | score | accuracy | macro-F1 | answer loss | steps |", "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {c['learning_rate']:.2g} | {c['score']:.4f} | {c.get('accuracy', '–')} | {c.get('macro_f1', '–')} "
                   f"| {c['loss']:.4f} | {c['steps']} |" for c in search["candidates"]] + [""]
+        guard = search.get("guard")
+        if guard:
+            lines += [f"Guard (`--sweep_guard`): the full run at the default {guard['default']:.2g} scored "
+                      f"{guard['default_validation']:.4f} on validation, at the winner {guard['winner_validation']:.4f}; "
+                      f"kept the {guard['kept']} ({guard['seconds']} s more).", ""]
     chosen = metrics.get("selection")
     if chosen and chosen.get("best"):
         lines += [f"Checkpoint kept (`--select {chosen['select']}`, validation scored every {chosen['every_steps']} "

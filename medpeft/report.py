@@ -224,7 +224,10 @@ def _selected(training: dict) -> str:
     parts = []
     if training.get("learning_rate_search"):
         search = training["learning_rate_search"]
-        parts.append(f"lr {search['winner']:.2g} searched ({search['seconds']:.0f} s)")
+        guard = search.get("guard") or {}
+        parts.append(f"lr {guard['default']:.2g}, the default, kept over the searched {search['winner']:.2g}"
+                     if guard.get("kept") == "default" else f"lr {search['winner']:.2g} searched")
+        parts[-1] += f" ({search['seconds'] + guard.get('seconds', 0):.0f} s)"
     chosen = training.get("selection")
     if chosen and chosen.get("chosen_step") is not None:
         parts.append(f"step {chosen['chosen_step']} of {chosen['last_step']} ({chosen['select']})")

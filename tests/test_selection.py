@@ -56,6 +56,34 @@ def test_the_search_picks_the_learning_rate_that_clearly_wins(tiny_model, free_t
     assert [p.name for p in out.parent.iterdir()] == ["q"]  # the candidates' scratch folders are gone
 
 
+def test_the_guard_keeps_the_default_when_its_full_run_scores_better(tiny_model, free_text, tmp_path, monkeypatch):
+    """A short candidate favours large steps: the full run at the method's default (2e-4 for QLoRA) is trained
+    beside the winner's and kept when it scores better on validation."""
+    import math
+
+    def by_rate(model, tokenizer, records, cfg):  # the closer to 2e-4, the better; the loss as real
+        return {"metric": "scripted", "score": -abs(math.log(cfg.learning_rate / 2e-4)), "loss": 1.0}
+
+    monkeypatch.setattr(selection, "candidates", lambda method, n: [1e-2, 5e-2])
+    monkeypatch.setattr(selection, "validation_score", by_rate)
+    monkeypatch.setattr(training_run, "validation_score", by_rate)
+    logs = []
+    out = tmp_path / "q"
+    metrics = train("qlora", settings(tiny_model, free_text, out, learning_rate="auto", select="last"),
+                    methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=logs.append)
+    search = metrics["learning_rate_search"]
+    assert search["winner"] == 1e-2 and search["guard"]["kept"] == "default" and search["guard"]["default"] == 2e-4
+    assert search["guard"]["default_validation"] > search["guard"]["winner_validation"]
+    assert json.loads((out / "medpeft_config.json").read_text())["settings"]["learning_rate"] == 2e-4
+    assert any(line.startswith("guard: the full run at the default") for line in logs)
+    assert "kept the default" in (out / "README.md").read_text()
+    monkeypatch.setattr(selection, "validation_score", lambda *a: {"metric": "s", "score": 0.0, "loss": 1.0})
+    unguarded = train("qlora", settings(tiny_model, free_text, tmp_path / "u", learning_rate="auto", select="last",
+                                        sweep_guard=False), methods.get("qlora").Options(lora_r=4, lora_alpha=8),
+                      log=lambda *a: None)
+    assert "guard" not in unguarded["learning_rate_search"]
+
+
 def test_an_explicit_learning_rate_runs_no_search(tiny_model, free_text, tmp_path):
     metrics = train("adapter", settings(tiny_model, free_text, tmp_path / "a", learning_rate=3e-3, select="last"),
                     methods.get("adapter").Options(adapter_size=8), log=lambda *a: None)

@@ -38,7 +38,7 @@ from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoi
                           drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
 from .packing import PackedCollator, enable_varlen_attention, pack_batches
-from .selection import (balance_labels, evaluation_interval, score_unpatched, search_learning_rate,
+from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, subset, time_limit_callback, validation_score)
 from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing
 from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
@@ -466,8 +466,12 @@ def train(method_name: str, cfg, opts, log=print, fingerprint: str | None = None
     try:
         metrics = run.fit()
         if search:
+            default = methods.get(method_name).DEFAULTS.get("learning_rate", 2e-4)
+            if cfg.sweep_guard and search["winner"] != default and run.validation_score:
+                run, metrics = guard_default(run, metrics, method_name, cfg, opts, default, search, log, build)
             metrics["learning_rate_search"] = search | {
-                "cost_ratio": round(search["seconds"] / max(metrics["train_runtime_s"], 1e-9), 2)}
+                "cost_ratio": round((search["seconds"] + search.get("guard", {}).get("seconds", 0))
+                                    / max(metrics["train_runtime_s"], 1e-9), 2)}
         if not is_main_process():
             return metrics
         try:

@@ -253,3 +253,29 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
     return dataclasses.replace(cfg, learning_rate=winner["learning_rate"]), {
         "metric": winner["metric"], "candidates": rows, "winner": winner["learning_rate"], "margin": round(margin, 4),
         "steps_per_candidate": steps, "run_steps": total, "seconds": round(time.time() - started, 1)}
+
+
+def guard_default(run, metrics, method_name: str, cfg, opts, default: float, search: dict, log, build):
+    """--sweep_guard: the full run at the method's default learning rate beside the winner's (a few steps favour
+    large ones: the winner of a short candidate can end below the default over the whole run); the run whose kept
+    weights score better on validation is the one saved. Returns (that run, its metrics)."""
+    started = time.time()
+    other = build(method_name, dataclasses.replace(cfg, learning_rate=default, save_steps=0,
+                                                   resume_from_checkpoint="", push_to_hub=""), opts, log)
+    other.fingerprint, other.discard_stale_checkpoints = run.fingerprint, run.discard_stale_checkpoints
+    try:
+        other_metrics = other.fit()
+    except BaseException:
+        other.cleanup()
+        raise
+    mine, theirs = run.validation_score, other.validation_score
+    keep_default = rank_key(theirs) > rank_key(mine)
+    search["guard"] = {"default": default, "winner_validation": mine["score"], "default_validation": theirs["score"],
+                       "kept": "default" if keep_default else "winner", "seconds": round(time.time() - started, 1)}
+    log(f"guard: the full run at the default {default:.2g} scores {theirs['score']:.4f} on validation, at the "
+        f"winner {search['winner']:.2g} {mine['score']:.4f}: keeping the {search['guard']['kept']}")
+    if keep_default:
+        run.cleanup()
+        return other, other_metrics
+    other.cleanup()
+    return run, metrics
