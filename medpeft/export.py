@@ -49,7 +49,13 @@ def merged_state(model) -> tuple[dict[str, torch.Tensor], torch.dtype]:
             base = module.get_base_layer()
             weight = _dequantized(base).clone()
             for adapter in module.active_adapters:
-                weight += module.get_delta_weight(adapter).to(weight.dtype)
+                delta = module.get_delta_weight(adapter).to(weight.dtype)
+                if module.use_dora.get(adapter):  # DoRA: a trained magnitude per output row times the direction
+                    magnitude = module.lora_magnitude_vector[adapter]
+                    norm = magnitude.get_weight_norm(weight, delta, scaling=1)
+                    weight = (magnitude.weight / norm).view(-1, 1).to(weight.dtype) * (weight + delta)
+                else:
+                    weight += delta
             state[f"{name}.weight"] = weight
             if base.bias is not None:
                 state[f"{name}.bias"] = base.bias.data
@@ -63,25 +69,22 @@ def merged_state(model) -> tuple[dict[str, torch.Tensor], torch.dtype]:
     return state, torch.float32 if floats == {torch.float32} else torch.bfloat16
 
 
-def merge(adapter_dir: str, output: str, log=print) -> dict:
-    """Fold a LoRA/QLoRA output into its base and save a standalone model; returns the logit check."""
+def merged_model(adapter_dir: str, what: str = "merged"):
+    """A LoRA/QLoRA output folded into its base, in memory, and checked against the adapter model: returns
+    (the plain transformers model, the tokenizer, the run's record, the logit check)."""
     from transformers import AutoModelForCausalLM
+    from transformers.modeling_utils import no_init_weights
 
     run = read_run(adapter_dir)
     if run["method"] in NOT_MERGEABLE:
-        raise UsageError(f"'{adapter_dir}' holds the output of {run['method']}, which cannot be merged: "
+        raise UsageError(f"'{adapter_dir}' holds the output of {run['method']}, which cannot be {what}: "
                          f"{NOT_MERGEABLE[run['method']]}")
-    out = Path(output)
-    if out.exists() and any(out.iterdir()):
-        raise UsageError(f"--output '{output}' exists and is not empty; choose a new folder")
     model, tokenizer, run = load_trained(adapter_dir)
     state, dtype = merged_state(model)
     config = model.get_base_model().config
     config_dict = {k: v for k, v in config.to_dict().items() if k != "quantization_config"}
     plain_config = type(config).from_dict(config_dict)
     plain_config.dtype = dtype
-    from transformers.modeling_utils import no_init_weights
-
     with no_init_weights():  # every weight comes from `state`; skip the random initialisation
         merged = AutoModelForCausalLM.from_config(plain_config, dtype=dtype)
     result = merged.load_state_dict({k: v.to("cpu", dtype) if v.is_floating_point() else v.cpu()
@@ -93,6 +96,17 @@ def merge(adapter_dir: str, output: str, log=print) -> dict:
         merged.tie_weights()
     merged.eval()
     check = _logit_check(model, merged, tokenizer)
+    del model
+    return merged, tokenizer, run, check
+
+
+def merge(adapter_dir: str, output: str, log=print) -> dict:
+    """Fold a LoRA/QLoRA output into its base and save a standalone model; returns the logit check."""
+    out = Path(output)
+    if out.exists() and any(out.iterdir()):
+        raise UsageError(f"--output '{output}' exists and is not empty; choose a new folder")
+    merged, tokenizer, run, check = merged_model(adapter_dir)
+    dtype = merged.dtype
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent if out.parent.exists() else None))
     try:
         merged.save_pretrained(staging, safe_serialization=True)

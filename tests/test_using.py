@@ -24,12 +24,15 @@ def outputs(tiny_model, processed, tmp_path_factory):
         "qlora": _train(tiny_model, processed, root / "qlora", "qlora", dict(lora_r=4, lora_alpha=8),
                         load_in_4bit=True),
         "lora": _train(tiny_model, processed, root / "lora", "qlora", dict(lora_r=4, lora_alpha=8)),
+        "dora": _train(tiny_model, processed, root / "dora", "qlora", dict(lora_r=4, lora_alpha=8, use_dora=True),
+                       load_in_4bit=True),
+        "rslora": _train(tiny_model, processed, root / "rslora", "qlora", dict(lora_r=4, lora_alpha=8, use_rslora=True)),
         "adapter": _train(tiny_model, processed, root / "adapter", "adapter", dict(adapter_size=8)),
         "ptuning": _train(tiny_model, processed, root / "ptuning", "ptuning", dict(num_virtual_tokens=4)),
     }
 
 
-@pytest.mark.parametrize("name", ["lora", "qlora"])
+@pytest.mark.parametrize("name", ["lora", "qlora", "dora", "rslora"])
 def test_merge_gives_a_plain_model_with_the_adapters_logits(outputs, tmp_path, name):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

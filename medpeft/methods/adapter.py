@@ -17,7 +17,7 @@ from pathlib import Path
 
 from ..config import opt
 from ..errors import UsageError
-from .base import Capabilities, no_packing, no_rules
+from .base import Capabilities, no_packing, no_rules, one_group
 
 NAME = "adapter"
 HELP = "Adapter Tuning: bottleneck adapters in every decoder layer of a frozen base"
@@ -134,3 +134,6 @@ def trainable_formula(model, opts: Options) -> int:
     hidden, size = model.config.hidden_size, opts.adapter_size
     per_layer = 2 if opts.adapter_type == "houlsby" else 1
     return model.config.num_hidden_layers * per_layer * (2 * hidden * size + size + hidden)
+
+
+optimizer_groups = one_group

@@ -60,10 +60,18 @@ class Method(Protocol):
     def trainable_formula(self, model, opts) -> int:
         """The number of trainable parameters, computed from the shapes (tests compare it with the count)."""
 
+    def optimizer_groups(self, model, opts, lr: float) -> list[dict] | None:
+        """Trainable parameters in groups with their own learning rates (LoRA+); None: one group at `lr`."""
+
 
 def no_packing(model) -> tuple[int, Callable[[], None]]:
     """pack() for a method whose packed rows need no slots and no change to the model."""
     return 0, lambda: None
+
+
+def one_group(model, opts, lr: float) -> None:
+    """optimizer_groups() for a method whose weights all learn at --learning_rate."""
+    return None
 
 
 def no_rules(cfg, opts) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 
 from ..config import opt
 from ..modeling import autocast, load_tokenizer
-from .base import Capabilities, no_rules
+from .base import Capabilities, no_rules, one_group
 
 NAME = "ptuning"
 HELP = "P-Tuning: trainable virtual-token prompt encoder in front of a frozen base"
@@ -154,3 +154,6 @@ def trainable_formula(model, opts: Options) -> int:
         return table + (h * e + e) + (e * e + e) + (e * h + h)
     lstm = sum(p.numel() for p in model.prompt_encoder["default"].lstm_head.parameters())
     return table + lstm + (2 * e * 2 * e + 2 * e) + (2 * e * h + h)
+
+
+optimizer_groups = one_group

@@ -36,9 +36,15 @@ class Options:
     target_modules: str = opt("all-linear", "comma-separated module names to adapt, or all-linear")
     init_lora_weights: str = opt("default", "LoRA initialisation",
                                  ["default", "gaussian", "pissa", "loftq", "olora"])
+    use_dora: bool = opt(False, "DoRA: the update split into a trained magnitude and a LoRA direction per output")
+    use_rslora: bool = opt(False, "rsLoRA: scale the update by lora_alpha / sqrt(lora_r), steadier at high ranks")
+    loraplus_lr_ratio: float = opt(0.0, "LoRA+: B matrices learn this many times faster than A (e.g. 16; 0 = off)")
 
     def validate(self) -> list[str]:
         problems = []
+        if self.loraplus_lr_ratio and self.loraplus_lr_ratio < 1:
+            problems.append(f"--loraplus_lr_ratio is the B/A learning-rate ratio: 0 (off) or at least 1, "
+                            f"got {self.loraplus_lr_ratio:g}")
         if self.lora_r <= 0:
             problems.append(f"--lora_r must be positive, got {self.lora_r}")
         if self.lora_alpha <= 0:
@@ -58,7 +64,8 @@ def _lora_config(opts: Options):
     init = {"default": True, "gaussian": "gaussian", "pissa": "pissa_niter_16", "loftq": True,
             "olora": "olora"}[opts.init_lora_weights]
     return LoraConfig(r=opts.lora_r, lora_alpha=opts.lora_alpha, lora_dropout=opts.lora_dropout,
-                      target_modules=targets, init_lora_weights=init, bias="none", task_type="CAUSAL_LM")
+                      target_modules=targets, init_lora_weights=init, bias="none", task_type="CAUSAL_LM",
+                      use_dora=opts.use_dora, use_rslora=opts.use_rslora)
 
 
 def prepare(ctx, opts: Options):
@@ -85,9 +92,14 @@ def prepare(ctx, opts: Options):
 
 
 def check(cfg, opts: Options) -> list[str]:
+    problems = []
     if opts.init_lora_weights == "loftq" and not cfg.load_in_4bit:
-        return ["--init_lora_weights loftq fits LoRA to the 4-bit quantization error: it needs --load_in_4bit"]
-    return []
+        problems.append("--init_lora_weights loftq fits LoRA to the 4-bit quantization error: it needs --load_in_4bit")
+    if opts.use_dora and opts.init_lora_weights in SVD_INITS:
+        problems.append(f"--use_dora with --init_lora_weights {opts.init_lora_weights}: its adapter is converted "
+                        "on save to a plain LoRA of twice the rank, which DoRA's magnitude does not survive; "
+                        "choose one")
+    return problems
 
 
 pack = no_packing
@@ -164,7 +176,7 @@ def load(base_model, out_dir: Path, opts: Options):
 
 
 def trainable_formula(model, opts: Options) -> int:
-    """r x (in + out) for every adapted linear layer."""
+    """r x (in + out) for every adapted linear layer, and with DoRA one magnitude per output."""
     from peft.tuners.lora import LoraLayer
 
     total = 0
@@ -172,6 +184,18 @@ def trainable_formula(model, opts: Options) -> int:
         if isinstance(module, LoraLayer):
             base = module.get_base_layer()
             total += module.r["default"] * (base.in_features + base.out_features)
+            total += base.out_features if opts.use_dora else 0
     return total
+
+
+def optimizer_groups(model, opts: Options, lr: float) -> list[dict] | None:
+    """LoRA+: B matrices (and DoRA's magnitudes, as peft's create_loraplus_optimizer groups them) at
+    lr x --loraplus_lr_ratio, A matrices at lr; None = one group at lr."""
+    if not opts.loraplus_lr_ratio:
+        return None
+    fast = [p for n, p in model.named_parameters() if p.requires_grad and ("lora_B" in n or p.ndim == 1)]
+    ids = {id(p) for p in fast}
+    slow = [p for p in model.parameters() if p.requires_grad and id(p) not in ids]
+    return [{"params": slow, "lr": lr}, {"params": fast, "lr": lr * opts.loraplus_lr_ratio}]
 
 

@@ -328,6 +328,7 @@ class TrainingRun:
                                       data_collator=collator,
                                       callbacks=[(timer := StepTimer(collator, device)).callback,
                                                  mark_complete_callback()])
+        trainer.param_groups = self.method.optimizer_groups(self.model, self.opts, cfg.learning_rate)
         trainer.remove_callback(ProgressCallback)
         trainer.add_callback(finite_loss_callback(trainer))
         trainer.add_callback(progress_callback(collator))

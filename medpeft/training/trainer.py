@@ -188,6 +188,15 @@ def trainer_class():
 
         _first_bad = None
         _flops_per_token = None
+        param_groups = None  # the method's, with their own learning rates (LoRA+); the scheduler scales each
+
+        def create_optimizer(self):
+            if self.param_groups is None or self.optimizer is not None:
+                return super().create_optimizer()
+            cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(self.args, self.model)
+            kwargs.pop("lr", None)
+            self.optimizer = cls([dict(g, weight_decay=self.args.weight_decay) for g in self.param_groups], **kwargs)
+            return self.optimizer
 
         def floating_point_ops(self, inputs):
             # The Trainer's counts the model's parameters again at every micro-batch, Python time on every step
