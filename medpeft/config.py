@@ -362,12 +362,30 @@ def as_dict(*instances) -> dict[str, Any]:
     return out
 
 
+MORE_MODELS_HELP = ("more trained outputs of any method, compared beside the others: NAME=DIR separated by ';' "
+                    "(e.g. qlora-dora=models/qlora-dora)")
+
+
+def more_models(text: str) -> list[tuple[str, str]]:
+    """--more_models 'a=dir1;b=dir2' -> [('a', 'dir1'), ('b', 'dir2')]."""
+    return [tuple(p.strip() for p in item.split("=", 1)) for item in text.split(";") if item.strip()]
+
+
+def more_models_problems(text: str) -> list[str]:
+    pairs = more_models(text)
+    bad = [" = ".join(p) for p in pairs if len(p) != 2 or not all(p) or p[0] in ("base", "qlora", "adapter", "ptuning")]
+    names = [p[0] for p in pairs]
+    return ([f"--more_models: '{b}' is not NAME=DIR with a new name (not base, qlora, adapter, ptuning)" for b in bad]
+            + ([f"--more_models: a name appears twice in {names}"] if len(set(names)) != len(names) else []))
+
+
 @dataclass
 class EvalConfig:
     base_model: str = opt(DEFAULT_MODEL, "the base model every fine-tuned model is compared with")
     qlora_model: Optional[str] = opt(None, "output directory of qlora/train_qlora.py")
     adapter_model: Optional[str] = opt(None, "output directory of adapter_tuning/train_adapter.py")
     ptuning_model: Optional[str] = opt(None, "output directory of p_tuning/train_ptuning.py")
+    more_models: str = opt("", MORE_MODELS_HELP)
     test_data: str = opt("processed_data/test.json", "test split written by prepare_dataset")
     output_file: str = opt("evaluation_results.json", "results JSON; report.md and report.html go beside it")
     max_samples: int = opt(200, "test items evaluated, drawn with --seed (-1 = all)")
@@ -387,7 +405,7 @@ class EvalConfig:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_samples == 0 or self.max_samples < -1:
             problems.append(f"--max_samples must be positive or -1 (all), got {self.max_samples}")
-        return problems
+        return problems + more_models_problems(self.more_models)
 
 
 @dataclass
@@ -396,6 +414,7 @@ class BenchConfig:
     qlora_model: Optional[str] = opt(None, "output directory of qlora/train_qlora.py")
     adapter_model: Optional[str] = opt(None, "output directory of adapter_tuning/train_adapter.py")
     ptuning_model: Optional[str] = opt(None, "output directory of p_tuning/train_ptuning.py")
+    more_models: str = opt("", MORE_MODELS_HELP)
     tasks: str = opt("medical", "lm-eval tasks or groups, comma-separated: medical (the Open Medical-LLM "
                                 "Leaderboard's: pubmedqa, medqa_4options, medmcqa, six MMLU subjects), medical_local "
                                 "(medqa_local, medmcqa_local, pubmedqa_local: files in --data_dir), or task names")
@@ -422,4 +441,4 @@ class BenchConfig:
         for flag in ("tasks_dir", "data_dir"):
             if getattr(self, flag) and not Path(getattr(self, flag)).is_dir():
                 problems.append(f"--{flag}: '{getattr(self, flag)}' is not a folder")
-        return problems
+        return problems + more_models_problems(self.more_models)

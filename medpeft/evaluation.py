@@ -36,6 +36,7 @@ from pathlib import Path
 
 import torch
 
+from .config import more_models
 from .data import read_processed
 from .errors import UsageError
 from .classification import COLLAPSE_SHARE, majority, paired, picks
@@ -198,7 +199,8 @@ def _merged_speed(model, tokenizer, records, cfg) -> dict:
 
 def targets_of(cfg) -> list[tuple[str, str]]:
     """(name, path) of the base model and of every trained output given (--qlora_model, ...)."""
-    return [("base", cfg.base_model)] + [(m, getattr(cfg, f)) for m, f in METHOD_FLAGS if getattr(cfg, f)]
+    return ([("base", cfg.base_model)] + [(m, getattr(cfg, f)) for m, f in METHOD_FLAGS if getattr(cfg, f)]
+            + more_models(cfg.more_models))
 
 
 def check_outputs(cfg, targets: list[tuple[str, str]], log=print) -> None:
@@ -207,7 +209,7 @@ def check_outputs(cfg, targets: list[tuple[str, str]], log=print) -> None:
     resolved_base = resolve_model(cfg.base_model)
     for name, path in targets[1:]:
         run = read_run(path)
-        if run["method"] != name:
+        if name in dict(METHOD_FLAGS) and run["method"] != name:
             raise UsageError(f"--{name}_model: '{path}' holds the output of {run['method']}, not {name}; pass it "
                              f"as --{run['method']}_model")
         trained_on = run["settings"].get("model_name")
@@ -217,7 +219,8 @@ def check_outputs(cfg, targets: list[tuple[str, str]], log=print) -> None:
             differences = signature_differences(run.get("base_signature") or {}, AutoConfig.from_pretrained(
                 resolved_base, trust_remote_code=cfg.trust_remote_code))
             if differences:
-                raise UsageError(f"--{name}_model: '{path}' was trained on base model '{trained_on}', not on "
+                flag = f"--{name}_model" if name in dict(METHOD_FLAGS) else f"--more_models {name}"
+                raise UsageError(f"{flag}: '{path}' was trained on base model '{trained_on}', not on "
                                  f"--base_model '{cfg.base_model}' ({', '.join(differences)}); compare it with "
                                  "its own base")
             log(f"note: {name} was trained on '{trained_on}'; --base_model '{cfg.base_model}' has the same shape")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -58,13 +59,39 @@ class RunConfig:
     bench_general: str = opt("", "general tasks for the forgetting check (medpeft bench --general_tasks)")
     bench_data_dir: Optional[str] = opt(None, "folder of the local tasks' files (medpeft bench --data_dir)")
     bench_limit: int = opt(-1, "items per benchmark task (-1 = all)")
+    variants: str = opt("", "more runs of a method with other options, compared side by side with the methods: "
+                            "'qlora:use_dora=true;qlora:use_rslora=true,lora_r=32' trains models/qlora-use_dora and "
+                            "models/qlora-use_rslora-lora_r32")
 
     def validate(self) -> list[str]:
         unknown = [m for m in self.method_list() if m not in methods.NAMES]
         problems = [f"--methods: unknown method(s) {unknown}; known: {', '.join(methods.NAMES)}"] if unknown else []
         if not self.method_list():
             problems.append("--methods is empty")
+        try:
+            self.variant_list()
+        except UsageError as exc:
+            problems.append(str(exc))
         return problems
+
+    def variant_list(self) -> list[tuple[str, str, dict]]:
+        """--variants -> [(stage name, method, {option: value as written})]."""
+        out = []
+        for item in (v.strip() for v in self.variants.split(";")):
+            if not item:
+                continue
+            method, _, rest = item.partition(":")
+            pairs = [p.split("=", 1) for p in rest.split(",") if p.strip()]
+            if method.strip() not in methods.NAMES or not pairs or any(len(p) != 2 or not p[0].strip() for p in pairs):
+                raise UsageError(f"--variants: '{item}' is not METHOD:OPTION=VALUE[,OPTION=VALUE] with a method of "
+                                 f"{', '.join(methods.NAMES)} (e.g. qlora:use_dora=true)")
+            values = {k.strip(): v.strip() for k, v in pairs}
+            tag = "-".join(k if v.lower() == "true" else f"{k}{v}" for k, v in values.items())
+            out.append((re.sub(r"[^A-Za-z0-9_.-]", "_", f"{method.strip()}-{tag}"), method.strip(), values))
+        names = [n for n, _, _ in out]
+        if len(set(names)) != len(names):
+            raise UsageError(f"--variants: two variants would share a name ({', '.join(names)})")
+        return out
 
     def method_list(self) -> list[str]:
         return [m.strip() for m in self.methods.split(",") if m.strip()]
@@ -76,10 +103,14 @@ class Plan:
 
     run: RunConfig
     prepare: PrepareConfig
-    stages: dict  # method name -> (TrainConfig, the method's Options)
+    stages: dict  # stage name (a method's, or a variant's) -> (TrainConfig, the method's Options)
     evaluate: EvalConfig
     num_gpus: int
     bench: BenchConfig | None = None
+    method_of: dict = dataclasses.field(default_factory=dict)  # a variant's stage name -> its method
+
+    def method(self, stage: str) -> str:
+        return self.method_of.get(stage, stage)
 
 
 def plan(argv, prog: str = "run_all.py", description: str = "prepare, train every method, evaluate, report") -> Plan:
@@ -92,18 +123,23 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
     shared = {k: v for k, v in {**DEFAULTS, **given}.items() if k in train_fields}  # explicit beat method defaults
     root = Path(run.output_root)
     data_dir = root / "processed_data"
-    stages = {}
-    for name in run.method_list() if not problems else []:
-        method = methods.get(name)
-        section, where = sections.get(name, ({}, ""))
+    stages, method_of = {}, {}
+    runs = [(m, m, {}) for m in run.method_list()] + run.variant_list() if not problems else []
+    for name, method_name, variant in runs:
+        method = methods.get(method_name)
+        section, where = sections.get(method_name, ({}, ""))
         values = {**method.DEFAULTS, **shared, "data_path": str(data_dir), "output_dir": str(root / "models" / name),
-                  "resume_from_checkpoint": "auto", **section}  # a run killed mid-training goes on from its checkpoint
-        if "learning_rate" not in shared and "learning_rate" not in section and _searchable(values.get("max_steps")):
+                  "resume_from_checkpoint": "auto", **section, **variant}  # a killed run resumes from its checkpoint
+        given_rate = "learning_rate" in shared or "learning_rate" in section or "learning_rate" in variant
+        if not given_rate and _searchable(values.get("max_steps")):
             values["learning_rate"] = "auto"  # searched unless given (a run of a few steps keeps the default)
-        instances, found = config.settle([TrainConfig, method.Options], values, {k: where for k in section},
+        origins_here = {k: where for k in section} | {k: f"--variants {name}" for k in variant}
+        instances, found = config.settle([TrainConfig, method.Options], values, origins_here,
                                          rules=methods.training_rules(method))
         problems += [f"{name}: {p}" for p in found]
         stages[name] = tuple(instances)
+        if name != method_name:
+            method_of[name] = method_name
     prep = PrepareConfig(input_data=run.input_data, output_dir=str(data_dir), model_name=top.model_name,
                          max_length=top.max_length, train_size=run.train_size, group_by=run.group_by, seed=top.seed,
                          system_prompt=run.system_prompt)
@@ -119,7 +155,8 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
     if not problems:
         problems += prep.validate() + evaluate.validate() + (bench.validate() if bench else [])
     config.raise_problems(prog, problems)
-    return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus, bench=bench)
+    return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus, bench=bench,
+                method_of=method_of)
 
 
 def _searchable(max_steps) -> bool:
@@ -155,7 +192,8 @@ def run_pipeline(steps: Plan, log=print) -> dict:
 
     trained, failed = {}, {}
     for i, (name, (train_cfg, opts)) in enumerate(steps.stages.items(), start=1):
-        method = methods.get(name)
+        method_name = steps.method(name)
+        method = methods.get(method_name)
         fp = fingerprint(dataclasses.asdict(train_cfg), dataclasses.asdict(opts), prep_fp)
         out = Path(train_cfg.output_dir)
         if _stored(out / CONFIG_FILE) == fp and (out / method.WEIGHTS_FILE).is_file():
@@ -165,9 +203,9 @@ def run_pipeline(steps: Plan, log=print) -> dict:
         log(f"[2/3] train {name} ({i}/{len(steps.stages)}) -> {out}")
         try:
             if steps.num_gpus > 1:
-                _train_on_gpus(name, train_cfg, opts, fp, steps.num_gpus)
+                _train_on_gpus(method_name, train_cfg, opts, fp, steps.num_gpus)
             else:
-                train(name, train_cfg, opts, log=log, fingerprint=fp, discard_stale_checkpoints=True)
+                train(method_name, train_cfg, opts, log=log, fingerprint=fp, discard_stale_checkpoints=True)
             trained[name] = str(out)
         except UsageError:
             raise  # bad settings or data: every method would fail the same way
@@ -175,7 +213,8 @@ def run_pipeline(steps: Plan, log=print) -> dict:
             failed[name] = f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ''}"
             log(f"[2/3] train {name} failed: {failed[name]}")
 
-    eval_cfg = dataclasses.replace(steps.evaluate, **{f"{m}_model": p for m, p in trained.items()})
+    targets = _targets(trained, steps)
+    eval_cfg = dataclasses.replace(steps.evaluate, **targets)
     eval_fp = fingerprint(dataclasses.asdict(eval_cfg), prep_fp,
                           {m: _stored(Path(p) / CONFIG_FILE) for m, p in trained.items()}, failed)
     results_path = Path(eval_cfg.output_file)
@@ -188,10 +227,17 @@ def run_pipeline(steps: Plan, log=print) -> dict:
     if steps.bench:
         log(f"[3/3] bench: {steps.bench.tasks}" + (f" + {steps.bench.general_tasks}" if steps.bench.general_tasks
                                                     else "") + f" on {len(trained) + 1} models (lm-eval)")
-        results = run_bench(dataclasses.replace(steps.bench, **{f"{m}_model": p for m, p in trained.items()}), log)
+        results = run_bench(dataclasses.replace(steps.bench, **targets), log)
     md, page = write_report(results, root)
     log(f"report: {md}, {page}")
     return results
+
+
+def _targets(trained: dict[str, str], steps: Plan) -> dict:
+    """The evaluation's flags for the trained outputs: a method's own (--qlora_model), variants in --more_models."""
+    flags = {f"{name}_model": path for name, path in trained.items() if name not in steps.method_of}
+    more = ";".join(f"{name}={path}" for name, path in trained.items() if name in steps.method_of)
+    return flags | ({"more_models": more} if more else {})
 
 
 def _train_on_gpus(name: str, train_cfg, opts, fp: str, num_gpus: int) -> None:

@@ -204,3 +204,32 @@ def test_a_rule_between_settings_stops_a_run_before_any_model_loads(tiny_model, 
                 "--methods", "qlora"], prog="run_all.py", command="run")
     assert code == 2 and "qlora: --init_lora_weights loftq fits LoRA to the 4-bit quantization error" in \
         capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_variants_train_beside_the_methods_and_are_compared_in_one_report(tiny_model, tmp_path, capsys):
+    """run_all --variants: DoRA, rsLoRA and LoRA+ rows in one report with the base and the plain QLoRA."""
+    argv = ["--model_name", tiny_model, "--output_root", str(tmp_path), "--max_steps", "2", "--max_samples", "8",
+            "--max_new_tokens", "4", "--batch_size", "4", "--methods", "qlora", "--variants",
+            "qlora:use_dora=true;qlora:use_rslora=true;qlora:loraplus_lr_ratio=16"]
+    assert run(argv, prog="run_all.py", command="run") == 0
+    results = json.loads((tmp_path / "evaluation_results.json").read_text())
+    names = ["qlora", "qlora-use_dora", "qlora-use_rslora", "qlora-loraplus_lr_ratio16"]
+    assert set(results["models"]) == {"base", *names}
+    assert all(results["models"][n]["status"] == "ok" for n in names)
+    for name, option, value in (("qlora-use_dora", "use_dora", True), ("qlora-use_rslora", "use_rslora", True),
+                                ("qlora-loraplus_lr_ratio16", "loraplus_lr_ratio", 16.0)):
+        settings = json.loads((tmp_path / "models" / name / "medpeft_config.json").read_text())["settings"]
+        assert settings[option] == value and settings["lora_r"] == 16  # the variant's option, the rest as qlora's
+    report = (tmp_path / "report.md").read_text()
+    assert all(f"| {n} |" in report for n in names)
+
+
+def test_a_bad_variant_is_refused_before_anything_runs(tiny_model, tmp_path, capsys):
+    for variants, expected in (("lora:use_dora=true", "is not METHOD:OPTION=VALUE"),
+                               ("qlora:use_dorra=true", "unknown setting 'use_dorra'"),
+                               ("qlora:loraplus_lr_ratio=0.5", "0 (off) or at least 1")):
+        code = run(["--model_name", tiny_model, "--output_root", str(tmp_path / "out"), "--variants", variants],
+                   prog="run_all.py", command="run")
+        err = capsys.readouterr().err
+        assert code == 2 and expected in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
