@@ -19,6 +19,7 @@ from .distributed import is_main_process, launch, local_rank
 from .errors import TrainingStopped, UsageError
 from .evaluation import run_evaluation
 from .export import merge
+from .gguf_export import ExportConfig, run_export
 from .pipeline import DEMO_CONFIG
 from .report import COLUMNS, bench_lines, classification_lines, recommend_lines, summary_rows, write_report
 from .training import train
@@ -29,6 +30,7 @@ SUBCOMMANDS = {
     "evaluate": "compare the base model and fine-tuned models on the test split",
     "run": "prepare, train every method, evaluate, report",
     "merge": "fold a LoRA/QLoRA output into its base: a standalone transformers model",
+    "export": "a GGUF file (llama.cpp, Ollama, LM Studio) of a merged LoRA/QLoRA output or a base model, checked",
     "generate": "answers to --prompt or to every question of --input, from a base or tuned model",
     "chat": "talk to a base or tuned model in the terminal (streamed answers)",
     "recommend": "rank the evaluated methods that fit a memory budget",
@@ -168,6 +170,12 @@ def cmd_merge(argv, prog):
     return 0
 
 
+def cmd_export(argv, prog):
+    (cfg,) = config.parse(argv, prog, SUBCOMMANDS["export"], [ExportConfig])
+    run_export(cfg)
+    return 0
+
+
 def cmd_generate(argv, prog, interactive=False):
     (cfg,) = config.parse(argv, prog, SUBCOMMANDS["chat" if interactive else "generate"],
                           [inference.GenerateConfig])
@@ -226,6 +234,8 @@ def run(argv, prog="medpeft", command=None, method=None) -> int:
             return cmd_run(argv, prog)
         if command == "merge":
             return cmd_merge(argv, prog)
+        if command == "export":
+            return cmd_export(argv, prog)
         if command in ("generate", "chat"):
             return cmd_generate(argv, prog, interactive=command == "chat")
         if command == "recommend":

@@ -49,7 +49,8 @@ def resolve_model(name: str) -> str:
     if name.lower().endswith(".gguf"):
         if not path.is_file():
             raise UsageError(f"--model_name: GGUF file '{name}' does not exist")
-        digest = hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:12]
+        stat = path.stat()  # a file written again at the same path (a new export) is converted again
+        digest = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
         return str(_converted_gguf(path, f"{path.stem}-{digest}"))
     if path.is_dir():
         if not (path / "config.json").is_file():

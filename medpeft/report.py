@@ -329,6 +329,31 @@ def bench_lines(results: dict) -> list[str]:
     return lines + [f"failed: {e}" for e in errors]
 
 
+def exported_lines(results: dict) -> list[str]:
+    """`medpeft export --results`: each GGUF file against the merged model it was written from."""
+    ex = results.get("exported")
+    if not ex:
+        return []
+    merged = ex.get("merged") or {}
+    lines = [f"{ex['source']}, merged and written to GGUF; each file loaded back (dequantized) and compared with the "
+             "merged model" + (f" on {ex['test_items']} items of `{ex['test_data']}`." if ex.get("test_items") else "."),
+             "", "| file | quant | size MB | max abs logit diff | greedy agreement | same token ids | test loss | "
+             "loss vs merged | accuracy | accuracy vs merged [95% CI] |", "|---|---|---:|---:|---:|---|---:|---:|---:|---:|"]
+    if merged:
+        lines.append(f"| merged model | {'–'} | – | 0 | 1 | yes | {merged['loss']:.4f} | 0 | "
+                     f"{merged.get('accuracy', '–')} | – |")
+    for f in ex["files"]:
+        t, rb = f.get("test") or {}, f["read_back"]
+        vs = t.get("accuracy_vs_merged")
+        row = (f"| `{Path(f['path']).name}` | {f['quant']} | {f['bytes'] / 1e6:.1f} | {rb['max_abs_logit_diff']:.4g} "
+               f"| {rb['greedy_agreement']:.3f} | {'yes' if rb['same_token_ids'] else 'NO'} | ")
+        if t:
+            row += (f"{t['loss']:.4f} | {t['loss_vs_merged']:+.4f} | {t.get('accuracy', '–')} | "
+                    + (f"{vs['gain']:+.4f} [{vs['ci'][0]:+.3f}, {vs['ci'][1]:+.3f}] |" if vs else "– |"))
+        lines.append(row if t else row + "– | – | – | – |")
+    return lines + ["", ex["how"] + "."]
+
+
 def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     figures = _figures(results)
@@ -363,6 +388,9 @@ def write_report(results: dict, out_dir: Path) -> tuple[Path, Path]:
     bench = bench_lines(results)
     if bench:
         md += ["", "## Standard benchmarks (lm-evaluation-harness)", ""] + bench
+    exported = exported_lines(results)
+    if exported:
+        md += ["", "## Exported (GGUF)", ""] + exported
     how = [f"- **{k}**: {v}" for k, v in (results.get("scoring") or {}).items()]
     if how:
         md += ["", "## How the numbers were computed", ""] + how
@@ -393,6 +421,7 @@ img{{max-width:100%}}.qa{{border-top:1px solid #eee}}</style></head><body>
 {"<h2>How each method's settings were chosen</h2>" + _lines_html(selected) if selected else ""}
 <h2>Choosing a method</h2>{_lines_html(choosing)}
 {"<h2>Standard benchmarks (lm-evaluation-harness)</h2>" + _lines_html(bench) if bench else ""}
+{"<h2>Exported (GGUF)</h2>" + _lines_html(exported) if exported else ""}
 {"<h2>How the numbers were computed</h2><ul>" + "".join(f"<li><b>{esc(k)}</b>: {esc(v)}</li>" for k, v in
  (results.get("scoring") or {}).items()) + "</ul>" if results.get("scoring") else ""}
 <h2>Answers side by side</h2>{sample_html}
