@@ -434,8 +434,8 @@ def run_export(cfg: ExportConfig, log=print) -> dict:
         log(f"  read back: max |logit difference| {check['max_abs_logit_diff']:.4g}, greedy agreement "
             f"{check['greedy_agreement']:.3f}, medical paragraph token ids "
             f"{'identical' if check['same_token_ids'] else 'DIFFERENT from token ' + str(check['first_token_difference'])}")
-        if records:
-            scores = _scores(loaded, tokenizer, records, cfg, quant)
+        if records:  # in the merged model's dtype: what differs is the file's rounding alone
+            scores = _scores(loaded.to(model.dtype), tokenizer, records, cfg, quant)
             entry["test"] = {k: v for k, v in scores.items() if k != "hits"}
             entry["test"]["loss_vs_merged"] = round(scores["loss"] - reference["loss"], 4)
             if scores["hits"] and reference["hits"]:
