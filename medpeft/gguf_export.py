@@ -265,8 +265,8 @@ def write_gguf(path: Path, model, tokenizer, quant: str, name: str, log=print) -
         writer.close()
         if os.path.exists(tmp):
             os.remove(tmp)
-    fallback = sorted(t for t, k in stored.items() if k == gguf.GGMLQuantizationType.F16 and quant != "f16"
-                      and len(dict((p[0], p[2]) for p in plan)[t]) > 1)
+    fallback = sorted(t for t, _, shape in plan
+                      if len(shape) > 1 and quant != "f16" and stored[t] == gguf.GGMLQuantizationType.F16)
     log(f"wrote {path} ({quant}, {path.stat().st_size / 1e6:.1f} MB)"
         + (f"; {len(fallback)} matrices in f16 (rows not a multiple of 32)" if fallback else ""))
     return {"quant": quant, "path": str(path), "bytes": path.stat().st_size, "f16_fallback": fallback,
