@@ -312,3 +312,24 @@ def test_a_disk_too_small_leaves_no_file_behind(tiny_model, tmp_path, monkeypatc
     with pytest.raises(UsageError, match="the disk filled while writing .*no file was left behind"):
         gguf_export.write_gguf(target, model, tokenizer, "q8_0", "m", log=lambda *a: None)
     assert list(target.parent.iterdir()) == []  # neither the file nor its partial copy
+
+
+def test_rows_that_do_not_split_into_blocks_stay_f16(tmp_path):
+    """A quant type stores rows in blocks of 32 values: a matrix whose rows are 48 long is written in f16."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    from conftest import build_tokenizer
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    model = MistralForCausalLM(MistralConfig(vocab_size=len(tokenizer), hidden_size=48, intermediate_size=96,
+                                             num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)).eval()
+    path = tmp_path / "odd.gguf"
+    info = gguf_export.write_gguf(path, model, tokenizer, "q8_0", "odd", log=lambda *a: None)
+    reader, _ = read(path)
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 96
+    assert types["blk.0.attn_q.weight"] == types["token_embd.weight"] == "F16"  # rows of 48
+    assert "blk.0.attn_q.weight" in info["f16_fallback"] and "blk.0.ffn_down.weight" not in info["f16_fallback"]
+    _, check = gguf_export.read_back(path, model, tokenizer)
+    assert check["same_token_ids"] and check["max_abs_logit_diff"] < 0.5
