@@ -97,7 +97,14 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     if model.get("type") != "BPE":
         raise UsageError("export: only BPE tokenizers (fast, with a tokenizer.json) are written to GGUF; this one is "
                          f"{model.get('type') or type(tokenizer).__name__}")
-    kind = "llama" if model.get("byte_fallback") else "gpt2"
+    # byte-level BPE maps bytes to printable characters before merging (its pre-tokenizer says ByteLevel; a
+    # tokenizer transformers converted from GGUF carries byte_fallback too); SentencePiece-style BPE marks spaces
+    # with '▁' and falls back to <0xNN> byte pieces
+    kind = ("gpt2" if "ByteLevel" in json.dumps(spec.get("pre_tokenizer"))
+            else "llama" if model.get("byte_fallback") or "▁" in json.dumps(spec.get("normalizer")) else None)
+    if kind is None:
+        raise UsageError("export: this BPE tokenizer is neither byte-level (GPT-2, SmolLM, Llama 3) nor "
+                         "SentencePiece-style (Llama 2, Mistral); its kind is not written to GGUF")
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
     by_id = {i: t for t, i in tokenizer.get_vocab().items()}
     added = tokenizer.added_tokens_decoder

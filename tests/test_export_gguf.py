@@ -314,6 +314,27 @@ def test_a_disk_too_small_leaves_no_file_behind(tiny_model, tmp_path, monkeypatc
     assert list(target.parent.iterdir()) == []  # neither the file nor its partial copy
 
 
+def test_a_byte_level_tokenizer_with_byte_fallback_is_written_as_gpt2(tiny_model, tmp_path):
+    """transformers' own GGUF reader gives a byte-level tokenizer byte_fallback (the embedded SmolLM2's is such):
+    it is still GPT-2-style, and written as such keeps its ids."""
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_model)
+    spec = json.loads(tokenizer.backend_tokenizer.to_str())
+    spec["model"]["byte_fallback"] = True
+    fallback = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), unk_token="<unk>",
+                                       bos_token="<s>", eos_token="<|im_end|>", pad_token="<pad>")
+    fallback.chat_template = tokenizer.chat_template
+    model = AutoModelForCausalLM.from_pretrained(tiny_model)
+    path = tmp_path / "fb.gguf"
+    gguf_export.write_gguf(path, model, fallback, "f16", "fb", log=lambda *a: None)
+    _, fields = read(path)
+    assert fields["tokenizer.ggml.model"] == "gpt2"
+    _, check = gguf_export.read_back(path, model, fallback)
+    assert check["same_token_ids"], check
+
+
 def test_rows_that_do_not_split_into_blocks_stay_f16(tmp_path):
     """A quant type stores rows in blocks of 32 values: a matrix whose rows are 48 long is written in f16."""
     from transformers import MistralConfig, MistralForCausalLM
