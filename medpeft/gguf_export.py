@@ -176,14 +176,17 @@ def _array(model, hf_name: str, state: dict) -> np.ndarray:
     return values
 
 
-def _storage(quant: str, shape: tuple) -> "object":
+def _storage(quant: str, shape: tuple, target: str = "", tied: bool = False) -> "object":
     """The GGML type a tensor is stored in: norms and biases in F32; a matrix in the quant type when its rows
-    split into whole blocks (32 values), else F16."""
+    split into whole blocks (32 values), else F16. Under q4_0 the output projection (the embeddings, when tied)
+    stays q8_0, as llama.cpp's quantizer keeps it finer: every logit goes through it."""
     import gguf
 
     qtype = _types()[quant][0]
     if len(shape) < 2:
         return gguf.GGMLQuantizationType.F32
+    if quant == "q4_0" and (target == "output.weight" or (tied and target == "token_embd.weight")):
+        qtype = gguf.GGMLQuantizationType.Q8_0
     block = gguf.GGML_QUANT_SIZES[qtype][0]
     return qtype if shape[-1] % block == 0 else gguf.GGMLQuantizationType.F16
 
@@ -204,7 +207,8 @@ def write_gguf(path: Path, model, tokenizer, quant: str, name: str, log=print) -
     qtype, ftype = _types()[quant]
     state = model.state_dict()
     plan = [(target, hf, tuple(state[hf].shape)) for target, hf in gguf_tensors(model)]
-    stored = {target: _storage(quant, shape) for target, _, shape in plan}
+    tied = bool(getattr(config, "tie_word_embeddings", False))
+    stored = {target: _storage(quant, shape, target, tied) for target, _, shape in plan}
     total = sum(_nbytes(stored[t], shape) for t, _, shape in plan)
     path.parent.mkdir(parents=True, exist_ok=True)
     free = shutil.disk_usage(path.parent).free

@@ -55,6 +55,8 @@ def test_the_file_has_llama_cpp_names_types_and_metadata(exported, tiny_model):
     types = {t.name: t.tensor_type.name for t in reader.tensors}
     assert all(types[n] == "F32" for n in names if "norm" in n)
     assert all(types[n] == "Q8_0" for n in names if "norm" not in n)
+    q4 = {t.name: t.tensor_type.name for t in read(exported["q4_0"])[0].tensors}
+    assert q4["output.weight"] == "Q8_0" and q4["blk.0.attn_q.weight"] == q4["token_embd.weight"] == "Q4_0"
     assert fields["general.architecture"] == "llama"
     assert (fields["llama.block_count"], fields["llama.attention.head_count"],
             fields["llama.attention.head_count_kv"], fields["llama.embedding_length"]) == (
