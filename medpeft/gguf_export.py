@@ -134,11 +134,26 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
         fields["add_space_prefix"] = '"Prepend"' in normalizer or '"prepend_scheme": "always"' in normalizer
     else:
         fields["pre"] = _pre_name(spec.get("pre_tokenizer"))
+    leading = template_bos(tokenizer)
     probe = tokenizer("x")["input_ids"]
-    fields["add_bos"] = bool(tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id)
+    fields["add_bos"] = leading if leading is not None else bool(
+        tokenizer.bos_token_id is not None and probe and probe[0] == tokenizer.bos_token_id)
     fields["special"] = {k: getattr(tokenizer, f"{k}_token_id") for k in ("bos", "eos", "unk", "pad")}
     fields["chat_template"] = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else None
     return fields
+
+
+def template_bos(tokenizer) -> bool | None:
+    """Whether the chat template opens with the BOS token once per conversation (Mistral's '<s>'): then the file
+    says add_bos_token and a Modelfile TEMPLATE leaves it out, as llama.cpp and Ollama add it. False where the
+    BOS text is the template's turn marker (a ChatML '<|im_start|>' that is also bos_token) or absent; None
+    without a chat template. Training tokenized the template's text as it stands."""
+    bos = tokenizer.bos_token
+    if not isinstance(tokenizer.chat_template, str):
+        return None
+    turns = [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}, {"role": "user", "content": "c"}]
+    text = render(tokenizer, turns, add_generation_prompt=True)
+    return bool(bos) and text.startswith(bos) and text.count(bos) == 1
 
 
 # ----------------------------------------------------------------------------------------------- tensors
@@ -330,13 +345,13 @@ def chat_segments(tokenizer) -> dict:
     if with_system.count(S) != 1 or S not in turns or with_system.split(U)[1] != without.split(U)[1]:
         raise UsageError("export --ollama: the chat template places the system prompt in a way a Modelfile "
                          "TEMPLATE cannot reproduce; write the Modelfile by hand (the GGUF holds the template)")
-    bos = tokenizer.bos_token or ""
+    bos = tokenizer.bos_token if template_bos(tokenizer) else ""
     head_s, rest = with_system.split(S)
     between, generation = rest.split(U)
     head = without.split(U)[0]
     after_user, rest = turns.split(U)[1].split(R)
     after_reply = rest.split(V)[0]
-    strip = (lambda t: t[len(bos):] if bos and t.startswith(bos) else t)  # the GGUF's add_bos_token adds it
+    strip = (lambda t: t[len(bos):] if bos and t.startswith(bos) else t)  # the file's add_bos_token adds it
     return {"system_head": strip(head_s), "system_to_user": between, "head": strip(head),
             "user_to_reply": after_user, "reply_to_user": after_reply, "generation": generation}
 

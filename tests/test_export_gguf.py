@@ -220,12 +220,16 @@ def go_render(template: str, system: str, messages: list[dict]) -> str:
     return "".join(out)
 
 
-@pytest.mark.parametrize("template", ["chatml", "mistral"])
+@pytest.mark.parametrize("template", ["chatml", "mistral", "chatml-bos-marker"])
 def test_the_modelfile_template_prints_the_prompt_training_saw(template, tmp_path):
     from transformers import AutoTokenizer
 
     model_dir = build_model_dir(tmp_path / template, *([MISTRAL_LIKE] if template == "mistral" else []))
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    if template == "chatml-bos-marker":  # as the embedded SmolLM2's converted tokenizer: bos_token is the marker
+        tokenizer.bos_token = "<|im_start|>"
+    assert gguf_export.template_bos(tokenizer) is (template == "mistral")
+    assert gguf_export.tokenizer_fields(tokenizer, len(tokenizer))["add_bos"] is (template == "mistral")
     text = gguf_export.modelfile("m.gguf", tokenizer, "Answer briefly.", 1024, "test")
     body = re.search(r'TEMPLATE """(.*?)"""', text, re.S).group(1)
     assert 'SYSTEM """Answer briefly."""' in text and "FROM ./m.gguf" in text and "PARAMETER stop" in text
