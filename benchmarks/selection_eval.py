@@ -138,8 +138,8 @@ def main(argv=None):
                         "chosen_step": sel.get("chosen_step"), "steps": metrics["steps"],
                         "validation_history": [(h["step"], h["score"]) for h in sel.get("history", [])],
                         "train_s": metrics["train_runtime_s"],
-                        "search": search and {k: search[k] for k in ("candidates", "winner", "margin", "seconds",
-                                                                     "cost_ratio", "steps_per_candidate")}}
+                        "search": search and {k: search.get(k) for k in ("candidates", "winner", "margin", "seconds",
+                                                                         "cost_ratio", "steps_per_candidate", "guard")}}
             entry[method] = row
         out["runs"][run_name] = entry
     from medpeft.precision import cpu_name, explain
