@@ -76,6 +76,9 @@ def main(argv=None):
     p.add_argument("--sample", action="store_true", help="instead: the demo's settings on the bundled sample")
     p.add_argument("--max_rows", type=int, default=1200)
     p.add_argument("--max_steps", type=int, default=40)
+    p.add_argument("--model", default="smollm2-135m", help="the base model (a .gguf file works; on the GPU machine "
+                                                             "the embedded package is absent)")
+    p.add_argument("--name", help="results file name (default: by task)")
     args = p.parse_args(argv)
     work = Path(args.work)
     work.mkdir(exist_ok=True)
@@ -94,7 +97,7 @@ def main(argv=None):
             writer = csv.DictWriter(f, fieldnames=list(subset[0]))
             writer.writeheader()
             writer.writerows(subset)
-        common = {"input_data": str(data), "model_name": "smollm2-135m", "max_steps": args.max_steps,
+        common = {"input_data": str(data), "model_name": args.model, "max_steps": args.max_steps,
                   "batch_size": 8, "dtype": "auto", "max_samples": 40, "eval_batch_size": 16, "max_new_tokens": 16,
                   "max_length": 256, "methods": args.methods, "max_eval_samples": 48, "group_by": "focus",
                   "gradient_checkpointing": False, "eval_steps": 10}
@@ -105,7 +108,7 @@ def main(argv=None):
         data.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
         prior = {s: {k: sum(r["final_decision"] == k and r["split"] == s for r in rows)
                      for k in ("yes", "no", "maybe")} for s in ("train", "validation", "test")}
-        common = {"input_data": str(data), "model_name": "smollm2-135m", "num_epochs": args.epochs,
+        common = {"input_data": str(data), "model_name": args.model, "num_epochs": args.epochs,
                   "batch_size": 16, "dtype": "auto", "system_prompt": "Answer briefly.", "max_samples": -1,
                   "eval_batch_size": 32, "max_new_tokens": 4, "max_length": 256, "methods": args.methods,
                   "max_eval_samples": 64, "gradient_checkpointing": False}
@@ -144,8 +147,12 @@ def main(argv=None):
         out["runs"][run_name] = entry
     from medpeft.precision import cpu_name, explain
 
+    import torch
+
     out["cpu"], out["compute"] = cpu_name(), explain("auto", "cpu")
-    path = HERE / "results" / f"{name}.json"
+    if torch.cuda.is_available():
+        out["gpu"], out["compute"] = torch.cuda.get_device_name(0), "bfloat16 on the GPU"
+    path = HERE / "results" / f"{args.name or name}.json"
     path.write_text(json.dumps(out, indent=1), encoding="utf-8")
     print(json.dumps(out, indent=1)[:6000])
     print(f"wrote {path}")
