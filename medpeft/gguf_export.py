@@ -20,8 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import gguf
 import numpy as np
 import torch
+from gguf.quants import quant_shape_to_byte_shape, quantize
 
 from .classification import paired
 from .config import opt
@@ -45,8 +47,6 @@ MEDICAL_PARAGRAPH = ("A 67-year-old woman with type 2 diabetes (HbA1c 8.4%) and 
 
 
 def _types():
-    import gguf
-
     return {"f16": (gguf.GGMLQuantizationType.F16, gguf.LlamaFileType.MOSTLY_F16),
             "q8_0": (gguf.GGMLQuantizationType.Q8_0, gguf.LlamaFileType.MOSTLY_Q8_0),
             "q4_0": (gguf.GGMLQuantizationType.Q4_0, gguf.LlamaFileType.MOSTLY_Q4_0)}
@@ -54,8 +54,7 @@ def _types():
 
 def parse_quants(text: str) -> list[str]:
     quants = [q.strip().lower() for q in text.split(",") if q.strip()]
-    unknown = [q for q in quants if q not in QUANTS]
-    if unknown or not quants:
+    if (unknown := [q for q in quants if q not in QUANTS]) or not quants:
         raise UsageError(f"--quant: unknown quant type {', '.join(unknown) or repr(text)}; known: {', '.join(QUANTS)}")
     return quants
 
@@ -90,8 +89,6 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     """What llama.cpp needs to tokenize as the run did: tokens by id, their types, merges (and SentencePiece-style
     scores), the special ids, whether a BOS is prepended, the chat template. Byte-level BPE (GPT-2, SmolLM,
     Llama 3) is written as 'gpt2'; SentencePiece-converted BPE with byte fallback (Llama 2, Mistral) as 'llama'."""
-    import gguf
-
     spec = json.loads(tokenizer.backend_tokenizer.to_str()) if getattr(tokenizer, "is_fast", False) else None
     model = (spec or {}).get("model", {})
     if model.get("type") != "BPE":
@@ -111,17 +108,14 @@ def tokenizer_fields(tokenizer, vocab_size: int) -> dict:
     tokens, types = [], []
     for i in range(vocab_size):
         text = by_id.get(i)
+        tokens.append(f"[PAD{i}]" if text is None else text)
         if text is None:  # embedding rows past the tokenizer (padding to a multiple): llama.cpp wants a name
-            tokens.append(f"[PAD{i}]")
             types.append(gguf.TokenType.UNUSED)
         elif kind == "llama" and re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", text):  # byte fallback's 256 pieces
-            tokens.append(text)
             types.append(gguf.TokenType.BYTE)
         elif i in added:
-            tokens.append(text)
             types.append(gguf.TokenType.CONTROL if added[i].special else gguf.TokenType.USER_DEFINED)
         else:
-            tokens.append(text)
             types.append(gguf.TokenType.NORMAL)
     fields = {"model": kind, "tokens": tokens, "types": types, "merges": merges}
     if kind == "llama":
@@ -166,8 +160,6 @@ def _to_llama_cpp_rows(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def gguf_tensors(model):
     """(GGUF name, HF name) for every weight the file holds; tied output embeddings are written once."""
-    import gguf
-
     config = model.config
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
     out = []
@@ -195,8 +187,6 @@ def _storage(quant: str, shape: tuple, target: str = "", tied: bool = False) -> 
     """The GGML type a tensor is stored in: norms and biases in F32; a matrix in the quant type when its rows
     split into whole blocks (32 values), else F16. Under q4_0 the output projection (the embeddings, when tied)
     stays q8_0, as llama.cpp's quantizer keeps it finer: every logit goes through it."""
-    import gguf
-
     qtype = _types()[quant][0]
     if len(shape) < 2:
         return gguf.GGMLQuantizationType.F32
@@ -207,15 +197,11 @@ def _storage(quant: str, shape: tuple, target: str = "", tied: bool = False) -> 
 
 
 def _nbytes(qtype, shape: tuple) -> int:
-    from gguf.quants import quant_shape_to_byte_shape
-
     return int(np.prod(quant_shape_to_byte_shape(shape, qtype)))
 
 
 def write_gguf(path: Path, model, tokenizer, quant: str, name: str, log=print) -> dict:
     """Write one GGUF file; nothing is left at `path` unless the whole file was written."""
-    import gguf
-    from gguf.quants import quantize
     from tqdm import tqdm
 
     config = model.config
