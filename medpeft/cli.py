@@ -21,7 +21,8 @@ from .evaluation import run_evaluation
 from .export import merge
 from .gguf_export import ExportConfig, run_export
 from .pipeline import DEMO_CONFIG
-from .report import COLUMNS, bench_lines, classification_lines, recommend_lines, summary_rows, write_report
+from .report import (COLUMNS, bench_lines, classification_lines, read_results, recommend_lines, summary_rows,
+                     write_report)
 from .training import train
 
 SUBCOMMANDS = {
@@ -187,9 +188,7 @@ def cmd_generate(argv, prog, interactive=False):
 
 
 def cmd_recommend(argv, prog):
-    import json
     from dataclasses import dataclass
-    from pathlib import Path
 
     @dataclass
     class RecommendConfig:
@@ -200,14 +199,7 @@ def cmd_recommend(argv, prog):
             return [f"--memory_gb must be positive, got {self.memory_gb}"] if (self.memory_gb or 1) <= 0 else []
 
     (cfg,) = config.parse(argv, prog, SUBCOMMANDS["recommend"], [RecommendConfig])
-    path = Path(cfg.results)
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-        results["models"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--results: '{path}' is not a medpeft evaluation results file ({type(exc).__name__}); "
-                         "run utils/evaluate_models.py first") from exc
-    print("\n".join(recommend_lines(results, cfg.memory_gb)))
+    print("\n".join(recommend_lines(read_results(cfg.results), cfg.memory_gb)))
     return 0
 
 

@@ -32,7 +32,7 @@ from .evaluation import evaluate_model, load_test_records
 from .export import merged_model
 from .modeling import load_model, load_tokenizer, resolve_model
 from .outputs import atomic_write, write_json
-from .report import write_report
+from .report import read_results, write_report
 from .tokens import render
 
 ARCHITECTURES = {"llama": "llama", "mistral": "llama"}  # transformers model_type -> llama.cpp architecture
@@ -476,12 +476,7 @@ def run_export(cfg: ExportConfig, log=print) -> dict:
 
 
 def _add_to_results(path: Path, summary: dict, log) -> None:
-    try:
-        results = json.loads(path.read_text(encoding="utf-8"))
-        results["models"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise UsageError(f"--results: '{path}' is not a medpeft evaluation results file ({type(exc).__name__}); "
-                         "run utils/evaluate_models.py first") from exc
+    results = read_results(path)
     results["exported"] = summary
     write_json(path, results)
     md, html = write_report(results, path.parent)

@@ -12,6 +12,7 @@ import json
 import sys
 from pathlib import Path
 
+from .errors import UsageError
 from .outputs import atomic_write, selection_lines
 
 COLUMNS = [  # (header, getter)
@@ -327,6 +328,17 @@ def bench_lines(results: dict) -> list[str]:
               "right answer (its prior on these items), the baseline an accuracy must beat to mean more than that."]
     errors = [f"{m}: {v['_error']}" for m, v in bench["models"].items() if v.get("_error")]
     return lines + [f"failed: {e}" for e in errors]
+
+
+def read_results(path: Path) -> dict:
+    """An evaluation results file (evaluate_models / run_all), or one line saying what it is not."""
+    try:
+        results = json.loads(Path(path).read_text(encoding="utf-8"))
+        results["models"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise UsageError(f"--results: '{path}' is not a medpeft evaluation results file ({type(exc).__name__}); "
+                         "run utils/evaluate_models.py first") from exc
+    return results
 
 
 def exported_lines(results: dict) -> list[str]:
