@@ -153,12 +153,21 @@ class TrainConfig:
                                         "offline), wandb (when installed), or none")
     push_to_hub: str = opt("", "after saving, upload the output directory to this Hugging Face repository "
                                "(private; the token is read from HF_TOKEN only)")
-    checkpoint_share: float = opt(1.0, "share of decoder layers whose activations are recomputed when "
-                                       "gradient checkpointing is on (1 = all; less is faster, uses more memory)")
+    checkpoint_share: float = field(default=1.0, metadata={
+        "help": "share of decoder layers whose activations are recomputed when gradient checkpointing is on (1 = "
+                "all; less is faster, uses more memory), or auto: as many layers store theirs as fit under "
+                "--max_memory_gb, measured on the first two steps (CUDA; on a CPU all recompute)",
+        "choices": None, "auto": True})
+    max_memory_gb: float = opt(0.0, "--checkpoint_share auto: GPU memory the run may take at its peak (0 = the "
+                                    "GPU's total memory)")
+    offload_checkpoints: str = opt("auto", "keep the inputs that checkpointed layers save for recomputation in "
+                                           "pinned host memory until backward, copied out and back alongside the "
+                                           "computation (auto = on one CUDA GPU; 1 GB at 4,096 tokens of a 7B "
+                                           "model)", ["auto", "on", "off"])
 
     def validate(self) -> list[str]:
         problems = []
-        if not 0 <= self.checkpoint_share <= 1:
+        if self.checkpoint_share != "auto" and not 0 <= self.checkpoint_share <= 1:
             problems.append(f"--checkpoint_share must be in [0, 1], got {self.checkpoint_share}")
         reporters = [r.strip() for r in self.report_to.split(",") if r.strip()]
         unknown = sorted(set(reporters) - {"tensorboard", "wandb", "none"})
@@ -168,6 +177,8 @@ class TrainConfig:
             problems.append(f"--push_to_hub must be a repository id like 'user/name', got '{self.push_to_hub}'")
         if self.num_gpus < 1:
             problems.append(f"--num_gpus must be 1 or more, got {self.num_gpus}")
+        if self.max_memory_gb < 0:
+            problems.append(f"--max_memory_gb must be 0 (the GPU's total memory) or positive, got {self.max_memory_gb}")
         if self.save_steps < 0:
             problems.append(f"--save_steps must be 0 or positive, got {self.save_steps}")
         if self.tokens_per_batch < 0:

@@ -40,7 +40,8 @@ from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
 from .packing import PackedCollator, enable_varlen_attention, pack_batches
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, subset, time_limit_callback, validation_score)
-from .speedups import apply_liger, compile_layers, liger_available, limit_checkpointing
+from .speedups import (CheckpointBudget, apply_liger, compile_layers, liger_available, limit_checkpointing,
+                       offload_checkpoints)
 from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
                       progress_callback, quantized_base_trainable, reporters, scheduled_gc, trainer_class)
 
@@ -99,6 +100,7 @@ class TrainingRun:
     selection: dict | None = None  # --select / --early_stopping: the validation scores and the step kept
     balance: dict | None = None  # --balance labels: the label counts before and after
     validation_score: dict | None = None  # the saved weights on the selection's measure (selection.py)
+    checkpoint_budget: object = None  # --checkpoint_share auto (speedups.CheckpointBudget)
 
     @property
     def method(self):
@@ -158,9 +160,22 @@ class TrainingRun:
             collator.answer_logits = peft_config.num_virtual_tokens if getattr(
                 peft_config, "is_prompt_learning", False) else 0
             speed["answer_logits_only"] = True
+        self.checkpoint_budget = None
         if self.ctx.gradient_checkpointing:
-            speed["checkpointed_layers"], unlimit = limit_checkpointing(self.model, cfg.checkpoint_share)
+            auto = cfg.checkpoint_share == "auto"
+            speed["checkpointed_layers"], unlimit = limit_checkpointing(self.model, 1.0 if auto else
+                                                                        cfg.checkpoint_share)
             undo.callback(unlimit)
+            # one process: under data parallel the reentrant checkpoint this needs is not what DDP was measured with
+            if cfg.offload_checkpoints == "on" or (cfg.offload_checkpoints == "auto" and device == "cuda"
+                                                   and process_count() == 1 and not sharded()):
+                undo.callback(offload_checkpoints(self.model)[1])
+                speed["offloaded_checkpoints"] = True
+            if auto and device == "cuda":
+                budget = cfg.max_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
+                self.checkpoint_budget = CheckpointBudget(self.model, budget, self.log, record=speed.update)
+            elif auto:
+                self.log("--checkpoint_share auto: the budget is GPU memory; on the CPU every layer recomputes")
         if compiled:
             speed["compiled_layers"], uncompile = compile_layers(self.model, fallback=cfg.compile == "auto")
             undo.callback(uncompile)
@@ -272,7 +287,7 @@ class TrainingRun:
     def _checkpoint_identity(self) -> dict:
         """What a checkpoint must share with this run to be resumed by it."""
         skip = {"output_dir", "resume_from_checkpoint", "keep_checkpoints", "save_steps", "report_to",
-                "push_to_hub", "logging_steps", "auto_batch_size", "compile"}
+                "push_to_hub", "logging_steps", "auto_batch_size", "compile", "offload_checkpoints", "max_memory_gb"}
         settings = {k: v for k, v in as_dict(self.cfg, self.opts).items() if k not in skip}
         settings["data_created"] = self.metadata.get("created")  # a re-prepared dataset is other data
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}
@@ -333,6 +348,8 @@ class TrainingRun:
         trainer.add_callback(finite_loss_callback(trainer))
         trainer.add_callback(progress_callback(collator))
         trainer.add_callback(gc_callback())
+        if self.checkpoint_budget is not None:
+            trainer.add_callback(self.checkpoint_budget.callback())
         if self.time_limit_s:
             trainer.add_callback(time_limit_callback(self.time_limit_s))
         selector = None
