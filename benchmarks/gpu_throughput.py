@@ -88,11 +88,14 @@ def run_ours(name, ckpt, steps, tokens_per_batch, overrides, seed=0, examples=No
             def __call__(self, groups):
                 return super().__call__([e for g in groups for e in g])
 
-        def padded(self):
-            data, _, batch_size, speed = original(self)
-            for undo in self._unpack:  # the model's own attention (and P-Tuning's own forward) again
-                undo()
-            self._unpack = ()
+        def padded(self, undo):
+            import contextlib
+
+            # what packing changed in the model is undone at once: the model's own attention (and P-Tuning's
+            # own forward) and plain checkpointing again
+            with contextlib.ExitStack() as packing_changes:
+                data, _, batch_size, speed = original(self, packing_changes)
+            speed.pop("offloaded_checkpoints", None)
             return data, FlatPad(0), batch_size, dict(speed, packing=False, padded_groups=True)
 
         TrainingRun._batches = padded

@@ -160,10 +160,10 @@ class TrainConfig:
         "choices": None, "auto": True})
     max_memory_gb: float = opt(0.0, "--checkpoint_share auto: GPU memory the run may take at its peak (0 = the "
                                     "GPU's total memory)")
-    offload_checkpoints: str = opt("auto", "keep the inputs that checkpointed layers save for recomputation in "
-                                           "pinned host memory until backward, copied out and back alongside the "
-                                           "computation (auto = on one CUDA GPU; 1 GB at 4,096 tokens of a 7B "
-                                           "model)", ["auto", "on", "off"])
+    offload_checkpoints: str = opt("off", "keep the inputs that checkpointed layers save for recomputation in "
+                                          "pinned host memory until backward, copied out and back alongside the "
+                                          "computation (1 GB at 4,096 tokens of a 7B model; one process only)",
+                                   ["on", "off"])
 
     def validate(self) -> list[str]:
         problems = []
@@ -177,6 +177,9 @@ class TrainConfig:
             problems.append(f"--push_to_hub must be a repository id like 'user/name', got '{self.push_to_hub}'")
         if self.num_gpus < 1:
             problems.append(f"--num_gpus must be 1 or more, got {self.num_gpus}")
+        if self.offload_checkpoints == "on" and (self.num_gpus > 1 or self.fsdp):
+            problems.append("--offload_checkpoints on: one process only (the reentrant checkpoint it needs was not "
+                            "tried under data parallel or FSDP); leave it off with --num_gpus")
         if self.max_memory_gb < 0:
             problems.append(f"--max_memory_gb must be 0 (the GPU's total memory) or positive, got {self.max_memory_gb}")
         if self.save_steps < 0:

@@ -136,7 +136,8 @@ def test_checkpointing_settings_are_checked():
     assert not problems and cfg.checkpoint_share == "auto" and cfg.max_memory_gb == 20.0
     for bad, words in (({"checkpoint_share": "2"}, "--checkpoint_share must be in [0, 1], got 2"),
                        ({"max_memory_gb": "-1"}, "--max_memory_gb must be 0 (the GPU's total memory) or positive"),
-                       ({"offload_checkpoints": "maybe"}, "offload_checkpoints")):
+                       ({"offload_checkpoints": "maybe"}, "offload_checkpoints"),
+                       ({"offload_checkpoints": "on", "num_gpus": "2"}, "--offload_checkpoints on: one process only")):
         _, problems = settle([TrainConfig], bad)
         assert len(problems) == 1 and words in problems[0], problems
 

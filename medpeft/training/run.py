@@ -166,9 +166,7 @@ class TrainingRun:
             speed["checkpointed_layers"], unlimit = limit_checkpointing(self.model, 1.0 if auto else
                                                                         cfg.checkpoint_share)
             undo.callback(unlimit)
-            # one process: under data parallel the reentrant checkpoint this needs is not what DDP was measured with
-            if cfg.offload_checkpoints == "on" or (cfg.offload_checkpoints == "auto" and device == "cuda"
-                                                   and process_count() == 1 and not sharded()):
+            if cfg.offload_checkpoints == "on":
                 undo.callback(offload_checkpoints(self.model)[1])
                 speed["offloaded_checkpoints"] = True
             if auto and device == "cuda":
