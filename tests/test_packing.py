@@ -158,3 +158,29 @@ def test_a_run_stopped_while_setting_up_packing_leaves_the_model_as_it_was(tiny_
                        "Liger kernels need a CUDA GPU", liger="on", packing="on")
     assert "forward" not in vars(run.model)  # P-Tuning's packed forward undone
     assert run.model.config._attn_implementation != "medpeft_varlen"  # and the attention restored
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_the_gpu_benchmarks_padded_reference_trains_like_packing(method, tiny_model):
+    """benchmarks/gpu_throughput.py's correctness check compares packed training with the same micro-batches padded
+    (the model's own attention); each side runs in its own process, as on the GPU. On the CPU both must agree."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
+    curves = {}
+    for padded in (False, True):
+        spec = {"name": method, "ckpt": tiny_model, "steps": 3, "tokens_per_batch": 512, "seed": 1,
+                "padded_groups": padded, "overrides": {"packing": "on", "logging_steps": 1, "dtype": "float32",
+                                                       "liger": "off", "compile": "off"}}
+        proc = subprocess.run([sys.executable, str(script), "--one", json.dumps(spec)], capture_output=True,
+                              text=True, timeout=600)
+        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+        assert line, proc.stderr[-2000:]
+        result = json.loads(line[len("RESULT "):])
+        assert result["speed_settings"].get("padded_groups", False) is padded
+        curves[padded] = [p["loss"] for p in result["loss_curve"]]
+    assert len(curves[True]) == 3
+    assert max(abs(a - b) / b for a, b in zip(curves[False], curves[True])) < 1e-3, curves
