@@ -40,8 +40,7 @@ from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
 from .packing import PackedCollator, enable_varlen_attention, pack_batches
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, subset, time_limit_callback, validation_score)
-from .speedups import (CheckpointBudget, apply_liger, compile_layers, liger_available, limit_checkpointing,
-                       offload_checkpoints)
+from .speedups import apply_liger, compile_layers, liger_available, plan_checkpointing
 from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
                       progress_callback, quantized_base_trainable, reporters, scheduled_gc, trainer_class)
 
@@ -160,20 +159,8 @@ class TrainingRun:
             collator.answer_logits = peft_config.num_virtual_tokens if getattr(
                 peft_config, "is_prompt_learning", False) else 0
             speed["answer_logits_only"] = True
-        self.checkpoint_budget = None
-        if self.ctx.gradient_checkpointing:
-            auto = cfg.checkpoint_share == "auto"
-            speed["checkpointed_layers"], unlimit = limit_checkpointing(self.model, 1.0 if auto else
-                                                                        cfg.checkpoint_share)
-            undo.callback(unlimit)
-            if cfg.offload_checkpoints == "on":
-                undo.callback(offload_checkpoints(self.model)[1])
-                speed["offloaded_checkpoints"] = True
-            if auto and device == "cuda":
-                budget = cfg.max_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
-                self.checkpoint_budget = CheckpointBudget(self.model, budget, self.log, record=speed.update)
-            elif auto:
-                self.log("--checkpoint_share auto: the budget is GPU memory; on the CPU every layer recomputes")
+        self.checkpoint_budget = (plan_checkpointing(self.model, cfg, device, speed, undo, self.log)
+                                  if self.ctx.gradient_checkpointing else None)
         if compiled:
             speed["compiled_layers"], uncompile = compile_layers(self.model, fallback=cfg.compile == "auto")
             undo.callback(uncompile)
@@ -343,13 +330,11 @@ class TrainingRun:
                                                  mark_complete_callback()])
         trainer.param_groups = self.method.optimizer_groups(self.model, self.opts, cfg.learning_rate)
         trainer.remove_callback(ProgressCallback)
-        trainer.add_callback(finite_loss_callback(trainer))
-        trainer.add_callback(progress_callback(collator))
-        trainer.add_callback(gc_callback())
-        if self.checkpoint_budget is not None:
-            trainer.add_callback(self.checkpoint_budget.callback())
-        if self.time_limit_s:
-            trainer.add_callback(time_limit_callback(self.time_limit_s))
+        callbacks = [finite_loss_callback(trainer), progress_callback(collator), gc_callback()]
+        callbacks += [self.checkpoint_budget.callback()] if self.checkpoint_budget else []  # --checkpoint_share auto
+        callbacks += [time_limit_callback(self.time_limit_s)] if self.time_limit_s else []  # a search's candidate
+        for callback in callbacks:
+            trainer.add_callback(callback)
         selector = None
         if (cfg.select == "best" or cfg.early_stopping) and self.val_records and not sharded():
             every = evaluation_interval(cfg, math.ceil(len(train_data) / (batch_size * cfg.gradient_accumulation_steps

@@ -7,6 +7,7 @@
                                          under --max_memory_gb, measured on the first steps
     offload_checkpoints(model)        -> the inputs checkpointed layers keep for recomputation wait in pinned host
                                          memory between forward and backward
+    plan_checkpointing(...)           -> the three above as the settings ask
     compile_layers(model)             -> each decoder layer runs through torch.compile (fewer, fused kernels and
                                          no Python between them); uncompile_layers(model) undoes it
 """
@@ -224,6 +225,24 @@ def offload_checkpoints(model):
             layer._gradient_checkpointing_func = original
 
     return store, undo
+
+
+def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print):
+    """--checkpoint_share and --offload_checkpoints on a model whose layers checkpoint: what changes goes onto
+    `undo`, what was chosen into `speed`. Returns the CheckpointBudget to call after each step (auto on CUDA), or
+    None."""
+    auto = cfg.checkpoint_share == "auto"
+    speed["checkpointed_layers"], unlimit = limit_checkpointing(model, 1.0 if auto else cfg.checkpoint_share)
+    undo.callback(unlimit)
+    if cfg.offload_checkpoints == "on":
+        undo.callback(offload_checkpoints(model)[1])
+        speed["offloaded_checkpoints"] = True
+    if auto and device == "cuda":
+        budget = cfg.max_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
+        return CheckpointBudget(model, budget, log, record=speed.update)
+    if auto:
+        log("--checkpoint_share auto: the budget is GPU memory; on the CPU every layer recomputes")
+    return None
 
 
 COMPILE_BACKEND = "inductor"  # tests use "aot_eager": the same tracing and autograd, without code generation
