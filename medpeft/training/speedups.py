@@ -98,9 +98,11 @@ class CheckpointBudget:
         self.memory = memory or torch.cuda.max_memory_allocated
         self.reset = reset or torch.cuda.reset_peak_memory_stats
         self.first = self.choice = None
+        self.steps = 0  # of this run (a resumed one starts past the Trainer's step 2)
 
     def after_step(self):
-        self.steps = step = getattr(self, "steps", 0) + 1  # of this run (a resumed one starts past step 2)
+        self.steps += 1
+        step = self.steps
         if step == 1:
             self.first = self.memory()
             self.reset()
