@@ -171,3 +171,35 @@ def test_offload_under_compiled_layers(tiny_model, processed, tmp_path, monkeypa
     a = [p["loss"] for p in kept["loss_curve"]]
     b = [p["loss"] for p in moved["loss_curve"]]
     assert max(abs(x - y) / x for x, y in zip(a, b)) < 1e-4, (a, b)
+
+
+def test_checkpoint_budget_inside_a_training_run(tiny_model, processed, tmp_path, monkeypatch):
+    """The budget's callback changes which layers recompute after step 2 of a real run (on the CPU with a memory
+    reader the test drives: 10 GB with both layers recomputed, 11 GB with both stored); the losses stay those of
+    full checkpointing, and metrics.json records the choice."""
+    import medpeft.training.run as run_module
+
+    real = run_module.plan_checkpointing
+    seen = {}
+
+    def driven(model, cfg, device, speed, undo, log):
+        real(model, cfg, device, speed, undo, log)  # on the CPU: every layer recomputes, no budget
+        peaks = Peaks(10.0, 11.0)
+        seen["budget"] = CheckpointBudget(model, 11.5, log, memory=peaks.memory, reset=peaks.reset,
+                                          record=speed.update)
+        return seen["budget"]
+
+    method, options, overrides = CASES["lora-16bit"]
+    _, full = fit(tiny_model, processed, tmp_path / "full", method, options, overrides)
+    monkeypatch.setattr(run_module, "plan_checkpointing", driven)
+    run, budgeted = fit(tiny_model, processed, tmp_path / "budget", method, options,
+                        overrides | dict(checkpoint_share="auto", max_memory_gb=11.5))
+    assert seen["budget"].steps == 4
+    # 11.5 x 0.94 - 10 GB leaves room for one 0.5 GB layer: the first recomputes, the second stores
+    assert budgeted["speed_settings"]["checkpointed_layers"] == 1
+    assert budgeted["speed_settings"]["gb_per_stored_layer"] == 0.5
+    a = [p["loss"] for p in full["loss_curve"]]
+    b = [p["loss"] for p in budgeted["loss_curve"]]
+    assert max(abs(x - y) / x for x, y in zip(a, b)) < 1e-5, (a, b)
+    # after training every layer recomputes again, as the model was set up
+    assert all(layer.gradient_checkpointing for layer in decoder_layers(run.model))
