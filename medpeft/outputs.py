@@ -227,7 +227,12 @@ def selection_lines(metrics: dict) -> list[str]:
                   f"{search.get('cost_ratio')}x the run): **{search['winner']:.2g}** won by {search['margin']:+.4f}.", "",
                   "| learning rate | score | accuracy | macro-F1 | answer loss | steps |", "|---:|---:|---:|---:|---:|---:|"]
         lines += [f"| {c['learning_rate']:.2g} | {c['score']:.4f} | {c.get('accuracy', '–')} | {c.get('macro_f1', '–')} "
-                  f"| {c['loss']:.4f} | {c['steps']} |" for c in search["candidates"]] + [""]
+                  f"| {c['loss']:.4f}{' (diverged)' if c.get('diverged') else ''} | {c['steps']} |"
+                  for c in search["candidates"]] + [""]
+        base = search.get("base_validation")
+        if base and base.get("loss") is not None:
+            lines += [f"The base model's validation answer loss: {base['loss']:.4f}; a candidate or step whose answer "
+                      "loss is above it is marked diverged and ranked below every other.", ""]
         guard = search.get("guard")
         if guard:
             lines += [f"Guard (`--sweep_guard`): the full run at the default {guard['default']:.2g} scored "

@@ -127,6 +127,63 @@ def test_equal_scores_are_broken_by_the_lower_validation_loss(tiny_model, free_t
     assert metrics["selection"]["chosen_step"] == 4 and metrics["selection"]["best"]["loss"] == 1.5
 
 
+def test_a_step_whose_answer_loss_is_above_the_bases_is_not_kept(tiny_model, free_text, tmp_path, monkeypatch):
+    """On a few multiple-choice items a diverged model can pick more right options by chance: the best score comes
+    with an answer loss above the base model's (which the real scorer measures first, on the untrained model)."""
+    base = {}
+    real = training_run.TrainingRun.validation_loss
+
+    def measured(self, desc="validation", model=None):  # the first one: the base model's, before training
+        out = real(self, desc, model)
+        base.setdefault("loss", out["loss"])
+        return out
+
+    monkeypatch.setattr(training_run.TrainingRun, "validation_loss", measured)
+    seen = []
+
+    def score(model, tokenizer, records, cfg):  # step 4: the best score, with a loss 3 nats above the base's
+        seen.append(1)
+        return {"metric": "scripted", "score": [0.3, 0.9, 0.4, 0.35][len(seen) - 1],
+                "loss": base["loss"] + (3.0 if len(seen) == 2 else -0.5)}
+
+    monkeypatch.setattr(training_run, "score_unpatched", score)
+    logs = []
+    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "q", eval_steps=2, load_in_4bit=False),
+                    methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=logs.append)
+    chosen = metrics["selection"]
+    assert [h["diverged"] for h in chosen["history"]] == [False, True, False, False]
+    assert chosen["chosen_step"] == 6 and chosen["best"]["score"] == 0.4
+    assert any("above the base's" in line for line in logs)
+
+
+def test_the_search_ranks_a_diverged_candidate_last(tiny_model, free_text, tmp_path, monkeypatch):
+    monkeypatch.setattr(selection, "candidates", lambda method, n: [1e-3, 1e-2])
+    calls = []
+
+    def by_rate(model, tokenizer, records, cfg):  # 1e-2 scores higher but lost the answers: 30 nats over the base
+        calls.append(cfg.learning_rate)
+        return {"metric": "scripted", "score": 0.9 if cfg.learning_rate == 1e-2 else 0.3,
+                "loss": 40.0 if cfg.learning_rate == 1e-2 else 1.5}
+
+    monkeypatch.setattr(selection, "validation_score", by_rate)
+    logs = []
+    metrics = train("qlora", settings(tiny_model, free_text, tmp_path / "q", learning_rate="auto", select="last",
+                                      sweep_guard=False),
+                    methods.get("qlora").Options(lora_r=4, lora_alpha=8), log=logs.append)
+    search = metrics["learning_rate_search"]
+    assert search["winner"] == 1e-3 and 1.5 < search["base_validation"]["loss"] < 40.0  # the tiny model's, measured
+    assert [c["diverged"] for c in search["candidates"]] == [False, True]
+    assert any("diverged, ranked last" in line for line in logs)
+    card = (tmp_path / "q" / "README.md").read_text()
+    assert "| 40.0000 (diverged) |" in card and "The base model's validation answer loss:" in card
+
+
+def test_rank_key_orders_by_divergence_then_score_then_loss():
+    rows = [{"score": 0.9, "loss": 9.0}, {"score": 0.5, "loss": 1.0}, {"score": 0.5, "loss": 0.8}]
+    assert sorted(rows, key=lambda r: selection.rank_key(r, 2.0), reverse=True) == [rows[2], rows[1], rows[0]]
+    assert sorted(rows, key=selection.rank_key, reverse=True)[0] is rows[0]  # no base known: the score decides
+
+
 def test_select_last_keeps_the_final_step(tiny_model, free_text, tmp_path, monkeypatch):
     scripted(monkeypatch, [0.1, 0.5, 0.3, 0.2])
     metrics = train("adapter", settings(tiny_model, free_text, tmp_path / "a", eval_steps=2, select="last",

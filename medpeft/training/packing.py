@@ -21,6 +21,11 @@ import torch
 ATTENTION = "medpeft_varlen"
 
 
+def token_budget(cfg) -> int:
+    """Tokens in a packed micro-batch: --tokens_per_batch, else as many as --batch_size rows of --max_length."""
+    return cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
+
+
 def pack_batches(lengths: list[int], budget: int, seed: int = 0) -> list[list[int]]:
     """Indices grouped so that each group's total length is at most `budget` (an example longer than the
     budget gets a group of its own). Examples are shuffled, then each goes to the first group with room

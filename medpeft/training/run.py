@@ -37,7 +37,7 @@ from ..tokens import PadCollator, answer_examples
 from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoints, disk_full,
                           drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
-from .packing import PackedCollator, enable_varlen_attention, pack_batches
+from .packing import PackedCollator, enable_varlen_attention, pack_batches, token_budget
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, subset, time_limit_callback, validation_score)
 from .speedups import apply_liger, compile_layers, liger_available, plan_checkpointing
@@ -73,10 +73,6 @@ class RunContext:
         return model
 
 
-def token_budget(cfg) -> int:
-    return cfg.tokens_per_batch or cfg.batch_size * cfg.max_length
-
-
 @dataclass
 class TrainingRun:
     """Everything `train` sets up, kept apart so that tests can look between the stages."""
@@ -100,6 +96,7 @@ class TrainingRun:
     balance: dict | None = None  # --balance labels: the label counts before and after
     validation_score: dict | None = None  # the saved weights on the selection's measure (selection.py)
     checkpoint_budget: object = None  # --checkpoint_share auto (speedups.CheckpointBudget)
+    base_score: dict | None = None  # the base's validation answer loss (a search sets it once for its candidates)
 
     @property
     def method(self):
@@ -179,6 +176,7 @@ class TrainingRun:
             with self.method.disabled(self.model):
                 base_val = self.validation_loss("base validation")
             self.log(f"validation loss before training (base model): {base_val['loss']:.4f}")
+            self.base_score = self.base_score or {"loss": base_val["loss"]}  # a step above it diverged
         if shard and cfg.resume_from_checkpoint not in ("", "auto"):
             raise UsageError("--resume_from_checkpoint: runs with --fsdp write no checkpoints; start without it")
         resume = (find_checkpoint(cfg, self._checkpoint_identity(), self.log, self.discard_stale_checkpoints)
@@ -340,7 +338,7 @@ class TrainingRun:
             every = evaluation_interval(cfg, math.ceil(len(train_data) / (batch_size * cfg.gradient_accumulation_steps
                                                                           * process_count())))
             selector = selector_callback(lambda: score_unpatched(self.model, self.tokenizer, self.val_records, cfg),
-                                         every, cfg, self.model, self.log, resume)
+                                         every, cfg, self.model, self.log, resume, (self.base_score or {}).get("loss"))
             trainer.add_callback(selector)
         elif cfg.select == "best" and sharded():
             self.log("--fsdp: the run keeps its last step (--select best needs the whole model on each process)")

@@ -113,9 +113,18 @@ def time_limit_callback(seconds: float):
     return TimeLimit()
 
 
-def rank_key(result: dict) -> tuple:
-    """Higher is better: the score, then (ties are common in accuracy on a few items) the lower answer loss."""
-    return result["score"], -result.get("loss", 0.0)
+def diverged(result: dict, ceiling: float | None) -> bool:
+    """Training made the validation answers less likely than the base model found them (`ceiling`: the base's
+    answer loss): on a few multiple-choice items such a model can still pick more right options by chance, but it
+    has unlearned the answers (on the bundled sample, a 4-step candidate with loss 8.5 against the base's 2.7 had
+    the best score of 16 items)."""
+    return ceiling is not None and result.get("loss") is not None and result["loss"] > ceiling
+
+
+def rank_key(result: dict, ceiling: float | None = None) -> tuple:
+    """Higher is better: a result that did not diverge before one that did, then the score, then (ties are common
+    in accuracy on a few items) the lower answer loss."""
+    return not diverged(result, ceiling), result["score"], -result.get("loss", 0.0)
 
 
 def evaluation_interval(cfg, steps_per_epoch: int) -> int:
@@ -123,10 +132,11 @@ def evaluation_interval(cfg, steps_per_epoch: int) -> int:
     return cfg.eval_steps or max(1, steps_per_epoch // 2)
 
 
-def selector_callback(score_fn, every: int, cfg, model, log, resume: Path | None):
+def selector_callback(score_fn, every: int, cfg, model, log, resume: Path | None, ceiling: float | None = None):
     """A Trainer callback: scores the model every `every` steps and at the end, keeps the best trainable weights
     (in memory, and beside each checkpoint so that a resumed run keeps its best so far), stops after
-    --early_stopping evaluations without gain. `.finish()` puts the best back when --select best."""
+    --early_stopping evaluations without gain. `ceiling`: the base model's validation answer loss (a step above it
+    ranks below every step under it). `.finish()` puts the best back when --select best."""
     from safetensors.torch import load_file, save_file
     from transformers import TrainerCallback
 
@@ -143,13 +153,15 @@ def selector_callback(score_fn, every: int, cfg, model, log, resume: Path | None
             if self.history and self.history[-1]["step"] == state.global_step:
                 return
             result = score_fn() | {"step": state.global_step}
+            result["diverged"] = diverged(result, ceiling)
             self.history.append(result)
-            if self.best is None or rank_key(result) > rank_key(self.best):
+            if self.best is None or rank_key(result, ceiling) > rank_key(self.best, ceiling):
                 self.best, self.best_state, self.stale = dict(result), trainable_state(model), 0
             else:
                 self.stale += 1
             log(f"validation at step {state.global_step}: {result['metric']} {result['score']:.4f}"
-                f" (best {self.best['score']:.4f} at step {self.best['step']})")
+                + (f", answer loss {result['loss']:.4f} above the base's {ceiling:.4f}" if result["diverged"] else "")
+                + f" (best {self.best['score']:.4f} at step {self.best['step']})")
             if cfg.early_stopping and self.stale >= cfg.early_stopping:
                 self.stopped_early = True
                 control.should_training_stop = True
@@ -214,7 +226,7 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
     rows, started = [], time.time()
     Path(cfg.output_dir).parent.mkdir(parents=True, exist_ok=True)  # a fresh run's models/ folder, say
     scratch = Path(tempfile.mkdtemp(prefix=".lr-search-", dir=Path(cfg.output_dir).parent))
-    grid = None
+    grid = base = None
     try:
         k = 0
         while grid is None or k < len(grid):
@@ -227,6 +239,10 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
                 share = cfg.sweep_budget_s / len(grid) if cfg.sweep_budget_s else None
                 run.cfg = dataclasses.replace(trial, learning_rate=grid[k])
                 run.time_limit_s = share
+                if base is None:  # the same start for every candidate: measured once
+                    with method.disabled(run.model):
+                        base = {"loss": run.validation_loss("base validation")["loss"]}
+                run.base_score = base
                 t0 = time.time()
                 metrics = run.fit(score_base=False)
                 result = validation_score(run.model, run.tokenizer, run.val_records, run.cfg)
@@ -238,13 +254,16 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
                                  f"{done} steps of {method_name} took {time.time() - t0:.0f} s; give at least "
                                  f"{math.ceil((time.time() - t0) / max(done, 1) * MIN_SWEEP_STEPS * len(grid))} s "
                                  "or a --learning_rate")
-            rows.append({"learning_rate": grid[k], "steps": done, "seconds": round(time.time() - t0, 1), **result})
+            rows.append({"learning_rate": grid[k], "steps": done, "seconds": round(time.time() - t0, 1), **result,
+                         "diverged": diverged(result, base["loss"])})
             log(f"learning rate {grid[k]:.2g} ({k + 1}/{len(grid)}): {result['metric']} {result['score']:.4f} after "
-                f"{done} steps ({rows[-1]['seconds']:.0f} s)")
+                f"{done} steps ({rows[-1]['seconds']:.0f} s)"
+                + (f"; answer loss {result['loss']:.4f} above the base's {base['loss']:.4f}: diverged, ranked last"
+                   if rows[-1]["diverged"] else ""))
             k += 1
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
-    ranked = sorted(rows, key=rank_key, reverse=True)
+    ranked = sorted(rows, key=lambda r: rank_key(r, base["loss"]), reverse=True)
     winner = ranked[0]
     margin = winner["score"] - ranked[1]["score"] if len(ranked) > 1 else 0.0
     runner_up = f" over {ranked[1]['learning_rate']:.2g}" if len(ranked) > 1 else ""
@@ -252,7 +271,8 @@ def search_learning_rate(method_name: str, method, cfg, opts, log, build) -> tup
         f"{time.time() - started:.0f} s for {len(rows)} candidates of {steps} steps")
     return dataclasses.replace(cfg, learning_rate=winner["learning_rate"]), {
         "metric": winner["metric"], "candidates": rows, "winner": winner["learning_rate"], "margin": round(margin, 4),
-        "steps_per_candidate": steps, "run_steps": total, "seconds": round(time.time() - started, 1)}
+        "steps_per_candidate": steps, "run_steps": total, "seconds": round(time.time() - started, 1),
+        "base_validation": base}
 
 
 def guard_default(run, metrics, method_name: str, cfg, opts, default: float, search: dict, log, build):
@@ -269,7 +289,8 @@ def guard_default(run, metrics, method_name: str, cfg, opts, default: float, sea
         other.cleanup()
         raise
     mine, theirs = run.validation_score, other.validation_score
-    keep_default = rank_key(theirs) > rank_key(mine)
+    ceiling = (search.get("base_validation") or {}).get("loss")
+    keep_default = rank_key(theirs, ceiling) > rank_key(mine, ceiling)
     search["guard"] = {"default": default, "winner_validation": mine["score"], "default_validation": theirs["score"],
                        "kept": "default" if keep_default else "winner", "seconds": round(time.time() - started, 1)}
     log(f"guard: the full run at the default {default:.2g} scores {theirs['score']:.4f} on validation, at the "
