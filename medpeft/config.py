@@ -25,6 +25,9 @@ DEFAULT_SYSTEM_PROMPT = ("You are a careful medical assistant. Answer the questi
                          "based on established medical knowledge.")
 
 
+# Settings that change only where activations wait between forward and backward and which layers recompute them
+# (the same function, rounding aside): they make neither a pipeline output stale nor a checkpoint another run's.
+NOT_FINGERPRINTED = ("offload_checkpoints", "max_memory_gb")
 MIN_SWEEP_STEPS = 4  # fewer optimizer steps say little about a learning rate
 
 

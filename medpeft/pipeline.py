@@ -169,13 +169,8 @@ def _searchable(max_steps) -> bool:
     return steps == -1 or steps >= 2 * config.MIN_SWEEP_STEPS
 
 
-# Settings that change only where activations wait between forward and backward and which layers recompute them
-# (the same function, rounding aside): changing them does not make an output stale.
-NOT_FINGERPRINTED = ("offload_checkpoints", "max_memory_gb")
-
-
 def fingerprint(*parts) -> str:
-    parts = [{k: v for k, v in p.items() if k not in NOT_FINGERPRINTED} if isinstance(p, dict) else p for p in parts]
+    parts = [{k: v for k, v in p.items() if k not in config.NOT_FINGERPRINTED} if isinstance(p, dict) else p for p in parts]
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

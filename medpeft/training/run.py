@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from .. import methods
-from ..config import as_dict
+from ..config import NOT_FINGERPRINTED, as_dict
 from ..data import load_split, read_metadata
 from ..distributed import is_main_process, process_count, sharded, sum_over_processes
 from ..errors import TrainingStopped, UsageError
@@ -270,7 +270,7 @@ class TrainingRun:
     def _checkpoint_identity(self) -> dict:
         """What a checkpoint must share with this run to be resumed by it."""
         skip = {"output_dir", "resume_from_checkpoint", "keep_checkpoints", "save_steps", "report_to",
-                "push_to_hub", "logging_steps", "auto_batch_size", "compile", "offload_checkpoints", "max_memory_gb"}
+                "push_to_hub", "logging_steps", "auto_batch_size", "compile", *NOT_FINGERPRINTED}
         settings = {k: v for k, v in as_dict(self.cfg, self.opts).items() if k not in skip}
         settings["data_created"] = self.metadata.get("created")  # a re-prepared dataset is other data
         return {"method": self.method_name, "settings": settings, "train_examples": len(self.train_examples)}

@@ -61,16 +61,9 @@ def decoder_layers(model):
 def limit_checkpointing(model, share: float):
     """Keep recomputation in the first round(share x n) decoder layers; the rest store their activations.
     Returns (how many layers still recompute, what undoes it)."""
-    layers = [m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)]
-    keep = round(share * len(layers))
-    for layer in layers[keep:]:
-        layer.gradient_checkpointing = False
-
-    def undo():  # all of them: --checkpoint_share auto changes the split while training
-        for layer in layers:
-            layer.gradient_checkpointing = True
-
-    return keep, undo
+    every = len([m for m in decoder_layers(model) if getattr(m, "gradient_checkpointing", False)])
+    # all of them on undo: --checkpoint_share auto changes the split while training
+    return set_checkpointed(model, round(share * every)), lambda: set_checkpointed(model, every)
 
 
 def set_checkpointed(model, keep: int) -> int:
