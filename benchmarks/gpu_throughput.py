@@ -151,8 +151,6 @@ def profile_steps(name, overrides, first, count):
     import torch
     from transformers import TrainerCallback
 
-    from medpeft import training
-
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
     accumulation = overrides.get("gradient_accumulation_steps", 1)
     stem = Path(os.environ.get("OUT") or HERE / "results") / f"profile_{name}_{world}gpu_ga{accumulation}_rank{rank}"
@@ -191,14 +189,27 @@ def profile_steps(name, overrides, first, count):
             os.remove(trace)
             self.prof = None
 
-    base = training.trainer_class()
+    base = current_trainer()
 
     class Profiled(base):
         def __init__(self, *a, **k):
             super().__init__(*a, **k)
             self.add_callback(Profile())
 
-    training.trainer_class = lambda: Profiled
+    use_trainer(lambda: Profiled)
+
+
+def current_trainer():
+    import medpeft.training.run
+
+    return medpeft.training.run.trainer_class()
+
+
+def use_trainer(factory):
+    """Make TrainingRun build its Trainer from `factory` (run.py holds its own name for trainer_class)."""
+    import medpeft.training.run
+
+    medpeft.training.run.trainer_class = factory
 
 
 def ddp_options(options):
@@ -207,9 +218,7 @@ def ddp_options(options):
     handler after the Trainer made it (which happens just before the model is wrapped)."""
     from accelerate.utils import DDPCommunicationHookType
 
-    from medpeft import training
-
-    base = training.trainer_class()
+    base = current_trainer()
 
     class Tuned(base):
         def _wrap_model(self, model, training=True, dataloader=None):
@@ -220,7 +229,7 @@ def ddp_options(options):
                     setattr(handler, key, DDPCommunicationHookType(value) if key == "comm_hook" else value)
             return wrapped
 
-    training.trainer_class = lambda: Tuned
+    use_trainer(lambda: Tuned)
 
 
 RUN_TIMEOUT = None  # seconds a run in its own process may take (--run_timeout)

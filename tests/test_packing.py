@@ -184,3 +184,23 @@ def test_the_gpu_benchmarks_padded_reference_trains_like_packing(method, tiny_mo
         curves[padded] = [p["loss"] for p in result["loss_curve"]]
     assert len(curves[True]) == 3
     assert max(abs(a - b) / b for a, b in zip(curves[False], curves[True])) < 1e-3, curves
+
+
+def test_the_gpu_benchmarks_profile_records_the_steps_asked_for(tiny_model, tmp_path):
+    """gpu_throughput --profile FIRST:COUNT hooks a callback into the Trainer the training run builds; it once
+    patched a name the run no longer read, and the profile was silently never taken."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
+    spec = {"name": "lora", "ckpt": tiny_model, "steps": 4, "tokens_per_batch": 512, "seed": 1, "padded_groups": False,
+            "overrides": {"packing": "on", "dtype": "float32", "liger": "off", "compile": "off"}}
+    proc = subprocess.run([sys.executable, str(script), "--one", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, "BENCH_PROFILE": "1:2", "OUT": str(tmp_path)})
+    assert any(x.startswith("RESULT ") for x in proc.stdout.splitlines()), proc.stderr[-2000:]
+    summary = tmp_path / "profile_lora_1gpu_ga1_rank0.txt"
+    assert summary.read_text().startswith("steps 2-3: wall "), sorted(p.name for p in tmp_path.iterdir())
+    assert (tmp_path / "profile_lora_1gpu_ga1_rank0.json.gz").stat().st_size > 1000
