@@ -325,6 +325,8 @@ def main(argv=None):
     p.add_argument("--logging_steps", type=int, default=5, help="runs of ours log (and the multi-GPU ones compare) "
                    "the loss every N steps, as training does by default; each log waits for the GPU (and gathers the "
                    "loss from every process). The correctness check logs every step")
+    p.add_argument("--check_set", default="", help="settings of the optimised side of the loss-curve check "
+                   "(default: --set's), e.g. 'offload_checkpoints=on'")
     p.add_argument("--set", default="", help="training settings for every run of ours, e.g. 'compile=on'")
     p.add_argument("--run_timeout", type=float, default=None, help="stop a run (and its processes) after this "
                    "many seconds, record it as failed and go on")
@@ -351,8 +353,6 @@ def main(argv=None):
         return
     global RUN_TIMEOUT
     RUN_TIMEOUT = args.run_timeout
-    if args.profile:
-        os.environ["BENCH_PROFILE"] = args.profile  # read by each run's own process
     if args.auto_gc:
         os.environ["BENCH_AUTO_GC"] = "1"
     if args.ddp:
@@ -385,14 +385,17 @@ def main(argv=None):
             r = plain.results[spec]
             results["plain"][name] = dict(r, useful_tokens_per_s=round(r["tokens_per_s"] * eff))
             save(results)
+    common = {"logging_steps": args.logging_steps, **settings(args.set)}
     if not args.skip_check:
         try:
-            results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch, args.check_method)
+            results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch, args.check_method,
+                                                 ours=settings(args.check_set or args.set))
         except Exception as exc:  # the speed table still runs
             results["check"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
         print("check", json.dumps(results["check"]), flush=True)
         save(results)
-    common = {"logging_steps": args.logging_steps, **settings(args.set)}
+    if args.profile:  # the speed runs only, not the check's
+        os.environ["BENCH_PROFILE"] = args.profile  # read by each run's own process
     if args.num_gpus > 1:
         results["multi_gpu"] = {}  # filled and saved run by run: a call cut short keeps what finished
         multi_gpu(names, plain.CK, args.steps, args.tokens_per_batch, args.num_gpus,
@@ -609,14 +612,14 @@ def per_example_losses(model, examples, packed):
                 for i in range(len(examples))]
 
 
-def correctness_check(ckpt, steps, tokens_per_batch, method="qlora"):
+def correctness_check(ckpt, steps, tokens_per_batch, method="qlora", ours=None):
     """QLoRA: (1) per-example losses at step 0, packed + Liger vs padded plain model; (2) 50-step loss curves
-    of the optimised path and of the plain one (padded batches of the same examples, SDPA, no Liger, eager).
-    Another method (`--check_method`): (2) only."""
+    of the optimised path (with `ours`, the --set settings, e.g. offload_checkpoints=on) and of the plain one
+    (padded batches of the same examples, SDPA, no Liger, eager). Another method (`--check_method`): (2) only."""
     import torch
 
     if method != "qlora":
-        return loss_curves(method, ckpt, steps, tokens_per_batch)
+        return loss_curves(method, ckpt, steps, tokens_per_batch, ours)
 
     from medpeft import methods
     from medpeft.config import TrainConfig
@@ -641,20 +644,21 @@ def correctness_check(ckpt, steps, tokens_per_batch, method="qlora"):
     del model
     gc.collect()
     torch.cuda.empty_cache()
-    out.update(loss_curves("qlora", ckpt, steps, tokens_per_batch))
+    out.update(loss_curves("qlora", ckpt, steps, tokens_per_batch, ours))
     return out
 
 
-def loss_curves(method, ckpt, steps, tokens_per_batch):
+def loss_curves(method, ckpt, steps, tokens_per_batch, ours=None):
     """(2) of the check: curves over the same micro-batches (same examples, same order), each run in its own
-    process; the plain side pads each packed group and runs the library's own forward."""
+    process; the plain side pads each packed group and runs the library's own forward, checkpoints in place."""
     curves = {}
-    for label, over, padded in (("plain", {"liger": "off", "compile": "off"}, True), ("ours", {}, False)):
+    plain = {"liger": "off", "compile": "off", "offload_checkpoints": "off"}
+    for label, over, padded in (("plain", plain, True), ("ours", dict(ours or {}), False)):
         m = run_ours_isolated(method, ckpt, steps, tokens_per_batch, dict(over, packing="on", logging_steps=1),
                               seed=1, padded_groups=padded)
         curves[label] = [p["loss"] for p in m["loss_curve"]]
     rel = [abs(a - b) / b for a, b in zip(curves["ours"], curves["plain"])]
-    return dict(method=method, curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
+    return dict(method=method, ours_settings=ours or {}, curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
                 curve_mean_rel_diff=round(sum(rel) / len(rel), 5), curve_ours=curves["ours"],
                 curve_plain=curves["plain"])
 
