@@ -149,6 +149,7 @@ def profile_steps(name, overrides, first, count):
     import shutil
 
     import torch
+    from torch.autograd import DeviceType
     from transformers import TrainerCallback
 
     rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -175,7 +176,10 @@ def profile_steps(name, overrides, first, count):
             wall = time.perf_counter() - self.wall
             self.prof.__exit__(None, None, None)
             events = self.prof.key_averages()
-            kernels = sum(e.self_device_time_total for e in events) / 1e6
+            # the kernels' own rows: an operator's row repeats the time of the kernels it launched (what the
+            # table's "Self CUDA time total" counts too)
+            kernels = sum(e.self_device_time_total for e in events
+                          if e.device_type != DeviceType.CPU and not e.is_user_annotation) / 1e6
             table = events.table(sort_by="self_device_time_total", row_limit=30)
             stem.parent.mkdir(parents=True, exist_ok=True)
             cpu_table = events.table(sort_by="self_cpu_time_total", row_limit=30)
