@@ -163,10 +163,10 @@ class TrainConfig:
         "choices": None, "auto": True})
     max_memory_gb: float = opt(0.0, "--checkpoint_share auto: GPU memory the run may take at its peak (0 = the "
                                     "GPU's total memory)")
-    offload_checkpoints: str = opt("off", "keep the inputs that checkpointed layers save for recomputation in "
-                                          "pinned host memory until backward, copied out and back alongside the "
-                                          "computation (1 GB at 4,096 tokens of a 7B model; one process only)",
-                                   ["on", "off"])
+    offload_checkpoints: str = opt("auto", "keep the inputs that checkpointed layers save for recomputation in "
+                                           "pinned host memory until backward, copied out and back alongside the "
+                                           "computation (1 GB at 4,096 tokens of a 7B model; auto = on a single "
+                                           "GPU, off on a CPU and with several processes)", ["auto", "on", "off"])
 
     def validate(self) -> list[str]:
         problems = []

@@ -203,3 +203,27 @@ def test_checkpoint_budget_inside_a_training_run(tiny_model, processed, tmp_path
     assert max(abs(x - y) / x for x, y in zip(a, b)) < 1e-5, (a, b)
     # after training every layer recomputes again, as the model was set up
     assert all(layer.gradient_checkpointing for layer in decoder_layers(run.model))
+
+
+@pytest.mark.parametrize("device, overrides, env, offloaded", [
+    ("cuda", {}, {}, True),                                   # auto: one GPU
+    ("cpu", {}, {}, False),                                   # auto: activations are in host memory already
+    ("cuda", {"num_gpus": 2}, {}, False),                     # auto: not tried under data parallel
+    ("cuda", {}, {"WORLD_SIZE": "2"}, False),                 # ... nor in a process accelerate launched
+    ("cuda", {"offload_checkpoints": "off"}, {}, False),
+    ("cpu", {"offload_checkpoints": "on"}, {}, True),
+])
+def test_offload_auto_is_on_for_one_gpu_only(device, overrides, env, offloaded, monkeypatch):
+    import contextlib
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    model = many_layers(2)
+    cfg = TrainConfig(model_name="m", data_path="d", output_dir="o", **overrides)
+    assert TrainConfig().offload_checkpoints == "auto"
+    speed = {}
+    with contextlib.ExitStack() as undo:
+        speedups.plan_checkpointing(model, cfg, device, speed, undo, log=lambda *a: None)
+        wrapped = getattr(decoder_layers(model)[0]._gradient_checkpointing_func, "__name__", "") == "offloaded"
+    assert speed.get("offloaded_checkpoints", False) is offloaded and wrapped is offloaded
+    assert getattr(decoder_layers(model)[0]._gradient_checkpointing_func, "__name__", "") != "offloaded"  # undone

@@ -18,7 +18,7 @@ import importlib.util
 
 import torch
 
-from ..distributed import sharded
+from ..distributed import process_count, sharded
 
 
 def _transformers_model(model):
@@ -222,6 +222,15 @@ def offload_checkpoints(model):
     return store, undo
 
 
+def offload_wanted(cfg, device) -> bool:
+    """--offload_checkpoints auto: on a single GPU, where its 50-step loss curves matched checkpoints kept in place
+    (QLoRA, adapter; H200, 2026-12-02) and it took 0.7 GB less at no loss of speed; not on a CPU (host memory is
+    where the activations already are) nor with several processes (not tried there)."""
+    if cfg.offload_checkpoints != "auto":
+        return cfg.offload_checkpoints == "on"
+    return device == "cuda" and cfg.num_gpus == 1 and not cfg.fsdp and process_count() == 1
+
+
 def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print):
     """--checkpoint_share and --offload_checkpoints on a model whose layers checkpoint: what changes goes onto
     `undo`, what was chosen into `speed`. Returns the CheckpointBudget to call after each step (auto on CUDA), or
@@ -229,7 +238,7 @@ def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print):
     auto = cfg.checkpoint_share == "auto"
     speed["checkpointed_layers"], unlimit = limit_checkpointing(model, 1.0 if auto else cfg.checkpoint_share)
     undo.callback(unlimit)
-    if cfg.offload_checkpoints == "on":
+    if offload_wanted(cfg, device):
         undo.callback(offload_checkpoints(model)[1])
         speed["offloaded_checkpoints"] = True
     if auto and device == "cuda":
