@@ -332,10 +332,16 @@ def split_records(records: list[dict], train_size: float, validation_share: floa
     n_free = sum(len(g) for g in free)
     targets = {"train": max(1, round(n_free * train_size)) if n_free else 0}
     targets["validation"] = round((n_free - targets["train"]) * validation_share)
+    targets["test"] = n_free - targets["train"] - targets["validation"]
     out = {s: list(v) for s, v in fixed.items()}
     filled = {s: 0 for s in SPLITS}
-    for members in free:
+    for k, members in enumerate(free):
         split = next((s for s in ("train", "validation") if filled[s] < targets[s]), "test")
+        # targets count rows, groups can hold several: when the groups left could not give every later split
+        # that wants rows one group each, this one goes to the first of them, unless its own split is still empty
+        starved = [s for s in SPLITS[SPLITS.index(split) + 1:] if targets[s] > 0 and not filled[s]]
+        if filled[split] and len(starved) > len(free) - k - 1:
+            split = starved[0]
         out[split].extend(members)
         filled[split] += len(members)
     return {s: [records[i] for i in sorted(idx)] for s, idx in out.items()}

@@ -353,3 +353,17 @@ def test_one_question_about_two_contexts_is_two_items(tmp_path, tiny_model):
                                    ("Condition B is treated with drug A; in children too.", "yes"))]
     meta, splits = run_prepare(tmp_path, tiny_model, write_jsonl(tmp_path / "c.jsonl", rows + rows[:1]))
     assert meta["rows"]["kept"] == 3 and meta["rows"]["dropped_by_reason"] == {"duplicate of an earlier row": 1}
+
+
+def test_a_question_with_two_rows_does_not_leave_a_split_empty():
+    """Split targets count rows and a question's rows stay together: 9 rows of 8 questions once left the test
+    split empty for a quarter of the seeds (found by tests/test_hostile_input.py)."""
+    from medpeft.records import split_records
+
+    questions = ["0", "0", "1", "2", "3", "4", "00", "000", "0000"]
+    records = [{"question": q, "answer": str(i)} for i, q in enumerate(questions)]
+    for seed in range(200):
+        out = split_records(records, 0.8, 0.5, seed)
+        assert all(out[s] for s in ("train", "validation", "test")), (seed, {s: len(v) for s, v in out.items()})
+        assert sum(len(v) for v in out.values()) == 9
+        assert len({r["question"] for r in out["train"]} & {r["question"] for r in out["test"]}) == 0
