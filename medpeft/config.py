@@ -397,12 +397,23 @@ def more_models_problems(text: str) -> list[str]:
 
 
 @dataclass
-class EvalConfig:
-    base_model: str = opt(DEFAULT_MODEL, "the base model every fine-tuned model is compared with")
+class ComparedModels:
+    """The models an evaluation compares (evaluate and bench): the base and the trained outputs."""
+    base_model: str = opt(DEFAULT_MODEL, "the base model every trained output is compared with")
     qlora_model: Optional[str] = opt(None, "output directory of qlora/train_qlora.py")
     adapter_model: Optional[str] = opt(None, "output directory of adapter_tuning/train_adapter.py")
     ptuning_model: Optional[str] = opt(None, "output directory of p_tuning/train_ptuning.py")
     more_models: str = opt("", MORE_MODELS_HELP)
+    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
+    dtype: str = opt("auto", "compute dtype of every model (auto = bf16 on a GPU and on a CPU with native bf16, "
+                             "float32 on other CPUs; tuned models as trained)", ["auto", "float32", "bfloat16"])
+
+    def validate(self) -> list[str]:
+        return more_models_problems(self.more_models)
+
+
+@dataclass
+class EvalConfig(ComparedModels):
     test_data: str = opt("processed_data/test.json", "test split written by prepare_dataset")
     output_file: str = opt("evaluation_results.json", "results JSON; report.md and report.html go beside it")
     max_samples: int = opt(200, "test items evaluated, drawn with --seed (-1 = all)")
@@ -411,9 +422,6 @@ class EvalConfig:
     max_length: int = opt(512, "truncate test examples to this many tokens for the loss")
     num_samples_shown: int = opt(5, "test questions shown with every model's answer in the report")
     seed: int = opt(42, "seed for the test subset and the bootstrap intervals")
-    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
-    dtype: str = opt("auto", "compute dtype of every model (auto = bf16 on a GPU and on a CPU with native bf16, "
-                             "float32 on other CPUs; tuned models as trained)", ["auto", "float32", "bfloat16"])
 
     def validate(self) -> list[str]:
         problems = []
@@ -422,16 +430,11 @@ class EvalConfig:
                 problems.append(f"--{name} must be positive, got {getattr(self, name)}")
         if self.max_samples == 0 or self.max_samples < -1:
             problems.append(f"--max_samples must be positive or -1 (all), got {self.max_samples}")
-        return problems + more_models_problems(self.more_models)
+        return problems + super().validate()
 
 
 @dataclass
-class BenchConfig:
-    base_model: str = opt(DEFAULT_MODEL, "the base model every trained output is compared with")
-    qlora_model: Optional[str] = opt(None, "output directory of qlora/train_qlora.py")
-    adapter_model: Optional[str] = opt(None, "output directory of adapter_tuning/train_adapter.py")
-    ptuning_model: Optional[str] = opt(None, "output directory of p_tuning/train_ptuning.py")
-    more_models: str = opt("", MORE_MODELS_HELP)
+class BenchConfig(ComparedModels):
     tasks: str = opt("medical", "lm-eval tasks or groups, comma-separated: medical (the Open Medical-LLM "
                                 "Leaderboard's: pubmedqa, medqa_4options, medmcqa, six MMLU subjects), medical_local "
                                 "(medqa_local, medmcqa_local, pubmedqa_local: files in --data_dir), or task names")
@@ -446,9 +449,6 @@ class BenchConfig:
     output_file: str = opt("evaluation_results.json", "results JSON (a 'bench' section is added to an existing one); "
                                                       "report.md and report.html go beside it")
     seed: int = opt(42, "seed of lm-eval and of the paired bootstrap")
-    trust_remote_code: bool = opt(False, "allow model repositories to run their own Python code")
-    dtype: str = opt("auto", "compute dtype (auto = bf16 on a GPU and on a CPU with native bf16, float32 on other "
-                             "CPUs; tuned models as trained)", ["auto", "float32", "bfloat16"])
 
     def validate(self) -> list[str]:
         problems = [f"--{n} must be positive, got {getattr(self, n)}" for n in ("batch_size", "max_length")
@@ -458,4 +458,4 @@ class BenchConfig:
         for flag in ("tasks_dir", "data_dir"):
             if getattr(self, flag) and not Path(getattr(self, flag)).is_dir():
                 problems.append(f"--{flag}: '{getattr(self, flag)}' is not a folder")
-        return problems + more_models_problems(self.more_models)
+        return problems + super().validate()
