@@ -26,13 +26,16 @@ from typing import Optional
 
 import yaml
 
-from . import config, methods
+import torch
+
+from . import config, methods, precision
 from .bench import run_bench
 from .config import DEFAULT_SYSTEM_PROMPT, BenchConfig, EvalConfig, PrepareConfig, TrainConfig, opt
 from .data import prepare
 from .distributed import launch
 from .errors import UsageError
 from .evaluation import run_evaluation
+from .modeling import default_device
 from .outputs import CONFIG_FILE
 from .report import write_report
 from .sample_data import SAMPLE_PATH
@@ -41,6 +44,9 @@ from .training import train
 DEMO_CONFIG = Path(__file__).parent / "resources" / "demo.yaml"
 DEFAULTS = {"model_name": "smollm2-135m"}  # run_all's defaults that differ from TrainConfig's
 OWNED = ("data_path", "output_dir", "resume_from_checkpoint")  # set by the pipeline for each stage, not flags
+# A --config section of settings for machines whose models compute in float32 (a CPU without native bf16 runs
+# the same job about half as fast): they replace the file's own, top-level and per-method; a flag still wins.
+FLOAT32 = "float32"
 
 
 @dataclass
@@ -108,6 +114,7 @@ class Plan:
     num_gpus: int
     bench: BenchConfig | None = None
     method_of: dict = dataclasses.field(default_factory=dict)  # a variant's stage name -> its method
+    float32_settings: dict = dataclasses.field(default_factory=dict)  # the config's float32 section, if it applied
 
     def method(self, stage: str) -> str:
         return self.method_of.get(stage, stage)
@@ -117,8 +124,18 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
     """Parse run_all's flags and --config file (with its per-method sections) into a Plan; one UsageError lists
     every problem of every stage."""
     given, origins, sections = config.given_values(argv, prog, description, [RunConfig, TrainConfig], DEFAULTS,
-                                                   nested=methods.NAMES, exclude=OWNED)
-    (run, top), problems = config.settle([RunConfig, TrainConfig], {**DEFAULTS, **given}, origins)
+                                                   nested=(*methods.NAMES, FLOAT32), exclude=OWNED)
+    float32, where = sections.pop(FLOAT32, ({}, ""))
+    _, problems = config.settle([RunConfig, TrainConfig], float32, {k: where for k in float32})  # on every machine
+    if float32 and not problems and _computes_float32(given.get("dtype", "auto")):
+        float32 = {k: v for k, v in float32.items() if k not in given or k in origins}  # flags have no origin
+        given, origins = {**given, **float32}, {**origins, **{k: where for k in float32}}
+        sections = {name: ({k: v for k, v in values.items() if k not in float32}, at)
+                    for name, (values, at) in sections.items()}
+    else:
+        float32 = {}
+    (run, top), found = config.settle([RunConfig, TrainConfig], {**DEFAULTS, **given}, origins)
+    problems += found
     train_fields = {f.name for f in dataclasses.fields(TrainConfig)}
     shared = {k: v for k, v in {**DEFAULTS, **given}.items() if k in train_fields}  # explicit beat method defaults
     root = Path(run.output_root)
@@ -156,7 +173,14 @@ def plan(argv, prog: str = "run_all.py", description: str = "prepare, train ever
         problems += prep.validate() + evaluate.validate() + (bench.validate() if bench else [])
     config.raise_problems(prog, problems)
     return Plan(run=run, prepare=prep, stages=stages, evaluate=evaluate, num_gpus=top.num_gpus, bench=bench,
-                method_of=method_of)
+                method_of=method_of, float32_settings=float32)
+
+
+def _computes_float32(dtype) -> bool:
+    try:
+        return precision.resolve(str(dtype), default_device()) == torch.float32
+    except ValueError:  # settle names the bad value
+        return False
 
 
 def _searchable(max_steps) -> bool:
@@ -184,6 +208,9 @@ def _stored(path: Path, key="fingerprint") -> str | None:
 def run_pipeline(steps: Plan, log=print) -> dict:
     root = Path(steps.run.output_root)
     prep, data_dir = steps.prepare, Path(steps.prepare.output_dir)
+    if steps.float32_settings:
+        log("this machine computes in float32: the config's float32 settings apply ("
+            + ", ".join(f"{k} {v}" for k, v in steps.float32_settings.items()) + ")")
     prep_fp = fingerprint(dataclasses.asdict(prep), _input_hash(prep.input_data))
     if _stored(data_dir / "metadata.json") == prep_fp:
         log(f"[1/3] prepare: {data_dir} is up to date, skipped")

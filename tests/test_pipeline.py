@@ -10,6 +10,7 @@ import pytest
 from conftest import free_port
 from medpeft import config, methods
 from medpeft.cli import run
+from medpeft.errors import UsageError
 from medpeft.pipeline import DEMO_CONFIG, plan
 
 
@@ -181,6 +182,33 @@ def test_per_method_sections_go_through_the_same_door_as_flags(tmp_path):
     qlora_cfg, qlora_opts = steps.stages["qlora"]
     assert qlora_cfg.learning_rate == 2e-3 and isinstance(qlora_cfg.learning_rate, float)  # YAML reads 2e-3 as text
     assert qlora_opts.lora_r == 8 and steps.stages["adapter"][1].adapter_size == 4
+
+
+@pytest.mark.parametrize("native_bf16", [True, False])
+def test_the_config_float32_section_applies_where_models_compute_in_float32(native_bf16, tmp_path, monkeypatch):
+    """The demo's smaller job for CPUs without native bf16 (about half as fast): the float32 section replaces the
+    file's settings, top-level and per-method, but not a flag; elsewhere it is checked and left out."""
+    import types
+
+    from medpeft import precision
+
+    monkeypatch.setattr(precision, "cpu_bf16", lambda: types.SimpleNamespace(native=native_bf16))
+    path = tmp_path / "run.yaml"
+    path.write_text("num_epochs: 3\nmax_samples: -1\neval_steps: 9\nqlora:\n  max_eval_samples: 16\n"
+                    "float32:\n  num_epochs: 2\n  max_samples: 80\n  eval_steps: 6\n  max_eval_samples: 8\n")
+    steps = plan(["--config", str(path), "--output_root", str(tmp_path), "--eval_steps", "4"])
+    qlora, adapter = steps.stages["qlora"][0], steps.stages["adapter"][0]
+    if native_bf16:
+        assert steps.float32_settings == {}
+        assert (qlora.num_epochs, steps.evaluate.max_samples, qlora.max_eval_samples) == (3, -1, 16)
+    else:
+        assert steps.float32_settings == {"num_epochs": 2, "max_samples": 80, "max_eval_samples": 8}
+        assert (qlora.num_epochs, adapter.num_epochs, steps.evaluate.max_samples) == (2, 2, 80)
+        assert qlora.max_eval_samples == 8 and adapter.max_eval_samples == 8  # beats the qlora section
+    assert qlora.eval_steps == 4  # the flag wins on either machine
+    path.write_text("float32:\n  num_epoks: 2\n")
+    with pytest.raises(UsageError, match="float32: .*unknown setting 'num_epoks'"):
+        plan(["--config", str(path), "--output_root", str(tmp_path)])
 
 
 def test_every_problem_of_every_stage_is_reported_before_anything_runs(tiny_model, tmp_path, capsys):
