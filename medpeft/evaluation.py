@@ -30,7 +30,6 @@ from __future__ import annotations
 import dataclasses
 import gc
 import json
-import random
 import time
 from pathlib import Path
 
@@ -46,7 +45,7 @@ from .modeling import default_device, load_model, load_tokenizer, model_compute_
 from .outputs import library_versions, load_trained, read_metrics, read_run, signature_differences, update_card, \
     write_json
 from .precision import explain, resolve, short
-from .records import LETTERS
+from .records import LETTERS, sample
 from .scoring import loss_summary, score_and_generate
 
 
@@ -108,9 +107,7 @@ def load_test_records(path: str, max_samples: int, seed: int) -> list[dict]:
     records = read_processed(Path(path), "--test_data")
     if not records:
         raise UsageError(f"--test_data: '{path}' holds no records; prepare the data with a smaller --train_size")
-    if 0 < max_samples < len(records):
-        records = [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), max_samples))]
-    return records
+    return sample(records, max_samples, seed)
 
 
 def coverage(path: str, records: list[dict], cfg) -> dict:

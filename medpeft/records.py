@@ -290,6 +290,14 @@ def shorten_context(rec: dict, context: str) -> dict:
     return rec | {"messages": messages, "context": context}
 
 
+def sample(records: list[dict], n: int, seed: int) -> list[dict]:
+    """`n` of the records drawn with `seed`, in their order; all of them when n is -1 or at least their number
+    (the evaluation's test items, training's validation items)."""
+    if n < 0 or n >= len(records):
+        return records
+    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
+
+
 def normalise(text: str) -> str:
     return " ".join(re.sub(r"[^\w]+", " ", text.lower()).split())
 

@@ -32,6 +32,7 @@ from ..modeling import (default_device, load_model, load_tokenizer, model_comput
 from ..outputs import (CONFIG_FILE, base_signature, check_output_dir, library_versions, publish_dir, write_json,
                        write_output_files)
 from ..precision import explain, resolve, short
+from ..records import sample
 from ..scoring import answer_loss
 from ..tokens import PadCollator, answer_examples
 from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoints, disk_full,
@@ -39,7 +40,7 @@ from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoi
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
 from .packing import PackedCollator, enable_varlen_attention, pack_batches, token_budget
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
-                        selector_callback, subset, time_limit_callback, validation_score)
+                        selector_callback, time_limit_callback, validation_score)
 from .speedups import apply_liger, compile_layers, liger_available, plan_checkpointing
 from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
                       progress_callback, quantized_base_trainable, reporters, scheduled_gc, trainer_class)
@@ -383,7 +384,7 @@ def load_examples(cfg, tokenizer) -> tuple[list, list, dict, list, dict | None]:
     if cfg.balance == "labels":
         train_records, balance = balance_labels(train_records)
     train_examples = answer_examples(tokenizer, train_records, cfg.max_length)
-    val_records = subset(load_split(cfg.data_path, "validation"), cfg.max_eval_samples, cfg.seed)
+    val_records = sample(load_split(cfg.data_path, "validation"), cfg.max_eval_samples, cfg.seed)
     val_examples = answer_examples(tokenizer, val_records, cfg.max_length)
     if not train_examples:
         raise UsageError(f"--data_path: '{cfg.data_path}' has no training examples with answer tokens")

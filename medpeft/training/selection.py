@@ -35,12 +35,6 @@ SIZE_REFERENCE = 7.24e9  # the default base (Mistral-7B) for which the methods' 
 GRID = (0.25, 1.0, 4.0, 16.0)  # candidates: the scaled default times these (skewed up: seed defaults are low)
 
 
-def subset(records: list[dict], n: int, seed: int) -> list[dict]:
-    if n < 0 or n >= len(records):
-        return records
-    return [records[i] for i in sorted(random.Random(seed).sample(range(len(records)), n))]
-
-
 @torch.no_grad()
 def validation_score(model, tokenizer, records: list[dict], cfg) -> dict:
     was_training = model.training
