@@ -160,26 +160,33 @@ def test_a_run_stopped_while_setting_up_packing_leaves_the_model_as_it_was(tiny_
     assert run.model.config._attn_implementation != "medpeft_varlen"  # and the attention restored
 
 
-@pytest.mark.parametrize("method", ["lora", "ptuning"])
-def test_the_gpu_benchmarks_padded_reference_trains_like_packing(method, tiny_model):
-    """benchmarks/gpu_throughput.py's correctness check compares packed training with the same micro-batches padded
-    (the model's own attention); each side runs in its own process, as on the GPU. On the CPU both must agree."""
+def bench_one(method, tiny_model, steps, padded=False, env=None, **overrides) -> dict:
+    """One run of benchmarks/gpu_throughput.py --one (its own process, as on the GPU) on the tiny model: its
+    RESULT line."""
     import json
+    import os
     import subprocess
     import sys
     from pathlib import Path
 
     script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
+    spec = {"name": method, "ckpt": tiny_model, "steps": steps, "tokens_per_batch": 512, "seed": 1,
+            "padded_groups": padded, "overrides": {"packing": "on", "dtype": "float32", "liger": "off",
+                                                   "compile": "off", **overrides}}
+    proc = subprocess.run([sys.executable, str(script), "--one", json.dumps(spec)], capture_output=True, text=True,
+                          timeout=600, env={**os.environ, **(env or {})})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
+    assert line, proc.stderr[-2000:]
+    return json.loads(line[len("RESULT "):])
+
+
+@pytest.mark.parametrize("method", ["lora", "ptuning"])
+def test_the_gpu_benchmarks_padded_reference_trains_like_packing(method, tiny_model):
+    """benchmarks/gpu_throughput.py's correctness check compares packed training with the same micro-batches padded
+    (the model's own attention); each side runs in its own process, as on the GPU. On the CPU both must agree."""
     curves = {}
     for padded in (False, True):
-        spec = {"name": method, "ckpt": tiny_model, "steps": 3, "tokens_per_batch": 512, "seed": 1,
-                "padded_groups": padded, "overrides": {"packing": "on", "logging_steps": 1, "dtype": "float32",
-                                                       "liger": "off", "compile": "off"}}
-        proc = subprocess.run([sys.executable, str(script), "--one", json.dumps(spec)], capture_output=True,
-                              text=True, timeout=600)
-        line = next((x for x in proc.stdout.splitlines() if x.startswith("RESULT ")), None)
-        assert line, proc.stderr[-2000:]
-        result = json.loads(line[len("RESULT "):])
+        result = bench_one(method, tiny_model, 3, padded=padded, logging_steps=1)
         assert result["speed_settings"].get("padded_groups", False) is padded
         curves[padded] = [p["loss"] for p in result["loss_curve"]]
     assert len(curves[True]) == 3
@@ -189,18 +196,7 @@ def test_the_gpu_benchmarks_padded_reference_trains_like_packing(method, tiny_mo
 def test_the_gpu_benchmarks_profile_records_the_steps_asked_for(tiny_model, tmp_path):
     """gpu_throughput --profile FIRST:COUNT hooks a callback into the Trainer the training run builds; it once
     patched a name the run no longer read, and the profile was silently never taken."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    script = Path(__file__).resolve().parent.parent / "benchmarks" / "gpu_throughput.py"
-    spec = {"name": "lora", "ckpt": tiny_model, "steps": 4, "tokens_per_batch": 512, "seed": 1, "padded_groups": False,
-            "overrides": {"packing": "on", "dtype": "float32", "liger": "off", "compile": "off"}}
-    proc = subprocess.run([sys.executable, str(script), "--one", json.dumps(spec)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, "BENCH_PROFILE": "1:2", "OUT": str(tmp_path)})
-    assert any(x.startswith("RESULT ") for x in proc.stdout.splitlines()), proc.stderr[-2000:]
+    bench_one("lora", tiny_model, 4, env={"BENCH_PROFILE": "1:2", "OUT": str(tmp_path)})
     summary = tmp_path / "profile_lora_1gpu_ga1_rank0.txt"
     assert summary.read_text().startswith("steps 2-3: wall "), sorted(p.name for p in tmp_path.iterdir())
     assert (tmp_path / "profile_lora_1gpu_ga1_rank0.json.gz").stat().st_size > 1000
