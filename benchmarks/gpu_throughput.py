@@ -656,7 +656,7 @@ def loss_curves(method, ckpt, steps, tokens_per_batch, ours=None):
     """(2) of the check: curves over the same micro-batches (same examples, same order), each run in its own
     process; the plain side pads each packed group and runs the library's own forward, checkpoints in place."""
     curves = {}
-    plain = {"liger": "off", "compile": "off", "offload_checkpoints": "off"}
+    plain = {"liger": "off", "compile": "off", "offload_checkpoints": "off", "cuda_graphs": "off"}
     for label, over, padded in (("plain", plain, True), ("ours", dict(ours or {}), False)):
         m = run_ours_isolated(method, ckpt, steps, tokens_per_batch, dict(over, packing="on", logging_steps=1),
                               seed=1, padded_groups=padded)

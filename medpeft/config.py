@@ -27,7 +27,7 @@ DEFAULT_SYSTEM_PROMPT = ("You are a careful medical assistant. Answer the questi
 
 # Settings that change only where activations wait between forward and backward and which layers recompute them
 # (the same function, rounding aside): they make neither a pipeline output stale nor a checkpoint another run's.
-NOT_FINGERPRINTED = ("offload_checkpoints", "max_memory_gb")
+NOT_FINGERPRINTED = ("offload_checkpoints", "max_memory_gb", "cuda_graphs")
 MIN_SWEEP_STEPS = 4  # fewer optimizer steps say little about a learning rate
 
 
@@ -167,6 +167,10 @@ class TrainConfig:
                                            "pinned host memory until backward, copied out and back alongside the "
                                            "computation (1 GB at 4,096 tokens of a 7B model; auto = on a single "
                                            "GPU, off on a CPU and with several processes)", ["auto", "on", "off"])
+    cuda_graphs: str = opt("auto", "replay each checkpointed decoder layer's forward and its recomputation with "
+                                   "backward as CUDA graphs: one launch where there were hundreds (auto = on one "
+                                   "CUDA GPU with packed rows, gradient checkpointing and no dropout in the layers; "
+                                   "replaces --offload_checkpoints)", ["auto", "on", "off"])
 
     def validate(self) -> list[str]:
         problems = []
@@ -183,6 +187,13 @@ class TrainConfig:
         if self.offload_checkpoints == "on" and (self.num_gpus > 1 or self.fsdp):
             problems.append("--offload_checkpoints on: one process only (the reentrant checkpoint it needs was not "
                             "tried under data parallel or FSDP); leave it off with --num_gpus")
+        if self.cuda_graphs == "on":
+            needs = [(self.num_gpus > 1 or self.fsdp, "one process (not --num_gpus or --fsdp)"),
+                     (self.packing == "off", "packed rows (not --packing off)"),
+                     (not self.gradient_checkpointing, "--gradient_checkpointing (the graphs recompute as it does)"),
+                     (self.checkpoint_share == "auto", "a fixed --checkpoint_share (auto changes which layers "
+                                                       "recompute after the graphs are captured)")]
+            problems += [f"--cuda_graphs on needs {what}" for bad, what in needs if bad]
         if self.max_memory_gb < 0:
             problems.append(f"--max_memory_gb must be 0 (the GPU's total memory) or positive, got {self.max_memory_gb}")
         if self.save_steps < 0:

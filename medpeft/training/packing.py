@@ -2,6 +2,7 @@
 
     batches = pack_batches(lengths, budget=4096, seed=0)   # lists of example indices, each <= budget tokens
     collate = PackedCollator()                             # one pack -> input_ids [1, T], position_ids restart
+    collate = PackedCollator(static=StaticRows.of(...))    # every row the same shape (CUDA graphs replay them)
     enable_varlen_attention(model)                         # attention never crosses an example boundary
 
 The packed row carries `cu_seq_lens_q/k` (cumulative example starts) and `max_length_q/k`, the keyword names
@@ -15,6 +16,7 @@ from __future__ import annotations
 import functools
 import inspect
 import random
+from dataclasses import dataclass
 
 import torch
 
@@ -48,6 +50,26 @@ def pack_batches(lengths: list[int], budget: int, seed: int = 0) -> list[list[in
     return groups
 
 
+@dataclass(frozen=True)
+class StaticRows:
+    """One shape for every packed row: `tokens` long, `segments` examples, none longer than `longest`. A row is
+    filled out with padding segments (no loss) of at most `longest` tokens, then with empty segments, so that the
+    attention kernel sees the same sizes and the same maximum length each time."""
+
+    tokens: int
+    segments: int
+    longest: int
+
+    @classmethod
+    def of(cls, groups: list[list[dict]], budget: int) -> "StaticRows":
+        """The shape that fits every group of tokenized examples (padding segments as long as the longest example)."""
+        lengths = [[len(e["input_ids"]) for e in g] for g in groups]
+        tokens = max([budget] + [sum(g) for g in lengths])
+        longest = max(n for g in lengths for n in g)
+        segments = max(len(g) + -(-(tokens - sum(g)) // longest) for g in lengths)
+        return cls(tokens, segments, longest)
+
+
 class PackedCollator:
     """One group of tokenized examples -> a single row with restarting positions and example boundaries.
 
@@ -59,8 +81,10 @@ class PackedCollator:
     (the prefix, then its own tokens). The prefix is computed once per row, not once per example. It counts as
     neither useful nor padded tokens, as a method's own tokens do in padded batches."""
 
-    def __init__(self, prefix: int = 0):
-        self.prefix = prefix
+    def __init__(self, prefix: int = 0, static: StaticRows | None = None):
+        if static is not None and prefix:
+            raise ValueError("rows of one shape are not made with a prefix")
+        self.prefix, self.static = prefix, static
         self.real_tokens = 0  # the row's tokens less the method's prefix: all of them examples' tokens
         self.padded_tokens = 0
 
@@ -79,15 +103,32 @@ class PackedCollator:
                 keys.extend([*range(p), *range(at, at + n)])
                 key_starts.append(key_starts[-1] + p + n)
         self.real_tokens += len(ids) - p
+        if self.static is not None:
+            self._fill(ids, labels, positions, starts)
         self.padded_tokens += len(ids) - p
         row = {"input_ids": torch.tensor([ids]), "labels": torch.tensor([labels]),
                "position_ids": torch.tensor([positions])}
         for side, bounds in (("q", starts), ("k", key_starts if p else starts)):
             row[f"cu_seq_lens_{side}"] = torch.tensor(bounds, dtype=torch.int32)
-            row[f"max_length_{side}"] = max(b - a for a, b in zip(bounds, bounds[1:]))
+            row[f"max_length_{side}"] = (self.static.longest if self.static is not None
+                                         else max(b - a for a, b in zip(bounds, bounds[1:])))
         if p:
             row["kv_index"] = torch.tensor(keys)
         return row
+
+    def _fill(self, ids, labels, positions, starts):
+        shape = self.static
+        if len(ids) > shape.tokens or any(b - a > shape.longest for a, b in zip(starts, starts[1:])):
+            raise ValueError(f"a packed row of {len(ids)} tokens does not fit {shape}")
+        while len(ids) < shape.tokens:
+            n = min(shape.longest, shape.tokens - len(ids))
+            ids.extend([0] * n)
+            labels.extend([-100] * n)
+            positions.extend(range(n))
+            starts.append(len(ids))
+        if len(starts) - 1 > shape.segments:
+            raise ValueError(f"a packed row of {len(starts) - 1} segments does not fit {shape}")
+        starts.extend([len(ids)] * (shape.segments + 1 - len(starts)))
 
 
 @functools.lru_cache(maxsize=1)
@@ -106,6 +147,8 @@ def _per_example_sdpa(q, k, v, cu_q, cu_k, scaling):
     groups = q.shape[1] // k.shape[1]
     out = torch.empty_like(q)
     for (a, b), (c, d) in zip(zip(cu_q.tolist(), cu_q[1:].tolist()), zip(cu_k.tolist(), cu_k[1:].tolist())):
+        if a == b:  # an empty segment (rows of one shape end with them)
+            continue
         qi = q[a:b].transpose(0, 1)
         ki = k[c:d].transpose(0, 1).repeat_interleave(groups, dim=0)
         vi = v[c:d].transpose(0, 1).repeat_interleave(groups, dim=0)

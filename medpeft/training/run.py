@@ -38,7 +38,8 @@ from ..tokens import PadCollator, answer_examples
 from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoints, disk_full,
                           drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
-from .packing import PackedCollator, enable_varlen_attention, pack_batches, token_budget
+from . import graphs
+from .packing import PackedCollator, StaticRows, enable_varlen_attention, pack_batches, token_budget
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, time_limit_callback, validation_score)
 from .speedups import apply_liger, compile_layers, liger_available, plan_checkpointing
@@ -59,8 +60,7 @@ class RunContext:
     def load_base(self, load_in_4bit: bool | None = None, path: str | None = None, prepare_for_training=True):
         load_in_4bit = self.cfg.load_in_4bit if load_in_4bit is None else load_in_4bit
         model = load_model(path or self.resolved_model, load_in_4bit=load_in_4bit, device=self.device,
-                           trust_remote_code=self.cfg.trust_remote_code,
-                           dtype=resolve(self.cfg.dtype, self.device))
+                           trust_remote_code=self.cfg.trust_remote_code, dtype=resolve(self.cfg.dtype, self.device))
         model.config.use_cache = False
         if not prepare_for_training:
             return model
@@ -119,6 +119,7 @@ class TrainingRun:
         # micro-batches per optimizer step: an epoch's last step, when partial, would hold repeated examples on
         # some processes (or fewer micro-batches on one): trimmed, so that 1 and N processes take the same steps
         unit = process_count() * cfg.gradient_accumulation_steps
+        graphs_refused = graphs.refusal(cfg, device, packing, self.ctx.gradient_checkpointing, self.model)
         if packing:
             budget = token_budget(cfg)
             slots, unpack = self.method.pack(self.model)
@@ -127,7 +128,7 @@ class TrainingRun:
             if unit > 1 and len(groups) > unit:
                 groups = groups[:len(groups) - len(groups) % unit]
             data = [[self.train_examples[i] for i in g] for g in groups]
-            collator, batch_size = PackedCollator(slots), 1
+            collator, batch_size = PackedCollator(slots, None if graphs_refused else StaticRows.of(data, budget)), 1
             undo.callback(enable_varlen_attention(self.model))
             speed.update(tokens_per_batch=budget, micro_batches=len(groups),
                          examples_per_micro_batch=round(len(self.train_examples) / len(groups), 2))
@@ -157,7 +158,7 @@ class TrainingRun:
             collator.answer_logits = peft_config.num_virtual_tokens if getattr(
                 peft_config, "is_prompt_learning", False) else 0
             speed["answer_logits_only"] = True
-        self.checkpoint_budget = (plan_checkpointing(self.model, cfg, device, speed, undo, self.log)
+        self.checkpoint_budget = (plan_checkpointing(self.model, cfg, device, speed, undo, self.log, graphs_refused)
                                   if self.ctx.gradient_checkpointing else None)
         if compiled:
             speed["compiled_layers"], uncompile = compile_layers(self.model, fallback=cfg.compile == "auto")
@@ -261,7 +262,7 @@ class TrainingRun:
             "processes": process_count(), "sharded": shard,
             # what this process holds: the whole model, or under FSDP its shard of every layer
             "parameters_per_process": sum(p.numel() for p in trainer.model.parameters()),
-            **peak_memory_gb(device, sampler), "device": device,
+            **peak_memory_gb(device, sampler, speed), "device": device,
             "compute_dtype": short(model_compute_dtype(self.model)),
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),

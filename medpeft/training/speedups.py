@@ -231,14 +231,21 @@ def offload_wanted(cfg, device) -> bool:
     return device == "cuda" and cfg.num_gpus == 1 and not cfg.fsdp and process_count() == 1
 
 
-def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print):
-    """--checkpoint_share and --offload_checkpoints on a model whose layers checkpoint: what changes goes onto
-    `undo`, what was chosen into `speed`. Returns the CheckpointBudget to call after each step (auto on CUDA), or
-    None."""
+def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print, graphs_refused: str | None = "off"):
+    """--checkpoint_share, --cuda_graphs and --offload_checkpoints on a model whose layers checkpoint: what changes
+    goes onto `undo`, what was chosen into `speed`. `graphs_refused`: why the layers are not CUDA graphs (None: they
+    are). Returns the CheckpointBudget to call after each step (auto on CUDA), or None."""
     auto = cfg.checkpoint_share == "auto"
     speed["checkpointed_layers"], unlimit = limit_checkpointing(model, 1.0 if auto else cfg.checkpoint_share)
     undo.callback(unlimit)
-    if offload_wanted(cfg, device):
+    speed["cuda_graphs"] = f"off ({graphs_refused})" if graphs_refused else None
+    if not graphs_refused:  # the graphs keep each layer's input in their own buffers: nothing left to offload
+        from .graphs import graph_layers
+
+        shared, ungraph = graph_layers(decoder_layers(model), device, log, offload=offload_wanted(cfg, device))
+        undo.callback(ungraph)
+        speed["cuda_graphs"] = shared.stats  # filled in while training
+    elif offload_wanted(cfg, device):
         undo.callback(offload_checkpoints(model)[1])
         speed["offloaded_checkpoints"] = True
     if auto and device == "cuda":
