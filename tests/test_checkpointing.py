@@ -182,8 +182,8 @@ def test_checkpoint_budget_inside_a_training_run(tiny_model, processed, tmp_path
     real = run_module.plan_checkpointing
     seen = {}
 
-    def driven(model, cfg, device, speed, undo, log):
-        real(model, cfg, device, speed, undo, log)  # on the CPU: every layer recomputes, no budget
+    def driven(model, cfg, device, speed, undo, log, graphs_refused):
+        real(model, cfg, device, speed, undo, log, graphs_refused)  # on the CPU: every layer recomputes, no budget
         peaks = Peaks(10.0, 11.0)
         seen["budget"] = CheckpointBudget(model, 11.5, log, memory=peaks.memory, reset=peaks.reset,
                                           record=speed.update)

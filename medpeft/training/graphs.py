@@ -28,6 +28,9 @@ import time
 import torch
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from ..distributed import process_count, sharded
+from ..errors import UsageError
+
 WARMUP = 2  # eager runs before capture: cuBLAS workspaces, Triton autotuning and compilation happen outside it
 
 
@@ -75,22 +78,17 @@ def layer_dropout(layers) -> float:
     return p
 
 
-def refusal(cfg, device: str, packing: bool, checkpointing: bool, model) -> str | None:
+def refusal(cfg, device: str, packing: bool, checkpointing: bool, layers) -> str | None:
     """Why this run's layers are not replayed as CUDA graphs, or None when they are; with --cuda_graphs on, the
     reason is an error. (P-Tuning's rows, which open with its virtual tokens, never come here: it does not
     checkpoint.)"""
-    why = _refusal(cfg, device, packing, checkpointing, model)
+    why = _refusal(cfg, device, packing, checkpointing, layers)
     if why and cfg.cuda_graphs == "on":
-        from ..errors import UsageError
-
         raise UsageError(f"--cuda_graphs on: {why}")
     return why
 
 
-def _refusal(cfg, device, packing, checkpointing, model):
-    from ..distributed import process_count, sharded
-    from .speedups import decoder_layers
-
+def _refusal(cfg, device, packing, checkpointing, layers):
     if cfg.cuda_graphs == "off":
         return "--cuda_graphs off"
     reasons = [
@@ -101,7 +99,7 @@ def _refusal(cfg, device, packing, checkpointing, model):
         (cfg.checkpoint_share == "auto", "--checkpoint_share auto changes which layers recompute after capture"),
     ]
     why = next((what for bad, what in reasons if bad), None)
-    if why is None and (p := layer_dropout(decoder_layers(model))) > 0:
+    if why is None and (p := layer_dropout(layers)) > 0:
         why = (f"dropout {p:g} in the layers: a replayed recomputation would draw other masks than its forward "
                "(set the method's dropout to 0, e.g. --lora_dropout 0)")
     return why

@@ -42,7 +42,7 @@ from . import graphs
 from .packing import PackedCollator, StaticRows, enable_varlen_attention, pack_batches, token_budget
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, time_limit_callback, validation_score)
-from .speedups import apply_liger, compile_layers, liger_available, plan_checkpointing
+from .speedups import apply_liger, compile_layers, decoder_layers, liger_available, plan_checkpointing
 from .trainer import (close_loggers, finite_loss_callback, gc_callback, mixed_precision, optimizer, out_of_memory,
                       progress_callback, quantized_base_trainable, reporters, scheduled_gc, trainer_class)
 
@@ -119,7 +119,7 @@ class TrainingRun:
         # micro-batches per optimizer step: an epoch's last step, when partial, would hold repeated examples on
         # some processes (or fewer micro-batches on one): trimmed, so that 1 and N processes take the same steps
         unit = process_count() * cfg.gradient_accumulation_steps
-        graphs_refused = graphs.refusal(cfg, device, packing, self.ctx.gradient_checkpointing, self.model)
+        graphs_refused = graphs.refusal(cfg, device, packing, self.ctx.gradient_checkpointing, decoder_layers(self.model))
         if packing:
             budget = token_budget(cfg)
             slots, unpack = self.method.pack(self.model)

@@ -19,6 +19,7 @@ import importlib.util
 import torch
 
 from ..distributed import process_count, sharded
+from .graphs import graph_layers
 
 
 def _transformers_model(model):
@@ -240,8 +241,6 @@ def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print, graphs_
     undo.callback(unlimit)
     speed["cuda_graphs"] = f"off ({graphs_refused})" if graphs_refused else None
     if not graphs_refused:  # the graphs keep each layer's input in their own buffers: nothing left to offload
-        from .graphs import graph_layers
-
         shared, ungraph = graph_layers(decoder_layers(model), device, log, offload=offload_wanted(cfg, device))
         undo.callback(ungraph)
         speed["cuda_graphs"] = shared.stats  # filled in while training
