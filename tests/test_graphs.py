@@ -11,7 +11,7 @@ from transformers import MistralConfig, MistralForCausalLM
 from medpeft import methods
 from medpeft.config import TrainConfig
 from medpeft.errors import UsageError
-from medpeft.training import build, graphs
+from medpeft.training import build, graphs, speedups
 from medpeft.training.packing import PackedCollator, StaticRows, enable_varlen_attention
 from medpeft.training.speedups import decoder_layers
 
@@ -168,12 +168,15 @@ CASES = {
     "qlora-nf4": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0), dict(load_in_4bit=True)),
     "lora-16bit": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0), dict(load_in_4bit=False)),
     "adapter": ("adapter", dict(adapter_size=16), dict()),
+    "lora-compiled": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0), dict(load_in_4bit=False, compile="on")),
 }
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_with_graphs_gives_the_loss_curve_of_training_without(case, rerun, tiny_model, processed, tmp_path):
+def test_training_with_graphs_gives_the_loss_curve_of_training_without(case, rerun, tiny_model, processed, tmp_path,
+                                                                        monkeypatch):
+    monkeypatch.setattr(speedups, "COMPILE_BACKEND", "aot_eager")  # the compiled layers' case: as tests/test_compile.py
     method, options, overrides = CASES[case]
     without = fit(tiny_model, processed, tmp_path / "a", method, options, overrides | dict(cuda_graphs="off"))
     with_ = fit(tiny_model, processed, tmp_path / "b", method, options,
