@@ -241,8 +241,9 @@ class LayerGraph:
                 self._capture(fn.func, args[0], static)
             except Exception as exc:  # noqa: BLE001 - the layer runs as before; the reason is logged once
                 self.fwd = self.bwd = None
+                first = exc.__context__ or exc  # capture_end's error names only the consequence of the first one
                 why = self.shared.stopped = self.shared.stats["stopped"] = (
-                    f"capture failed at layer {self.index}: {type(exc).__name__}: {str(exc)[:300]}")
+                    f"capture failed at layer {self.index}: {type(first).__name__}: {str(first)[:300]}")
                 self.shared.log(f"cuda graphs: {why}; this layer and the ones not captured yet run without them")
         if why is not None:
             self.shared.eager(why)
