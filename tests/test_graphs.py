@@ -205,3 +205,29 @@ def test_graphs_need_a_gpu_and_say_so(tiny_model, processed, tmp_path):
     problems = cfg.validate()
     assert "--cuda_graphs on needs one process (not --num_gpus or --fsdp)" in problems
     assert any(p.startswith("--cuda_graphs on needs a fixed --checkpoint_share") for p in problems)
+
+
+def test_layers_the_graphs_do_not_replay_still_offload_their_inputs(rerun, monkeypatch):
+    """--offload_checkpoints under --cuda_graphs: a layer whose capture failed runs its checkpoint with its input
+    offloaded, as it would without graphs (on the CPU the host copy is a clone, counted by the hooks)."""
+    import contextlib
+
+    monkeypatch.setattr(graphs.Rerun, "capture", lambda self, fn: (_ for _ in ()).throw(RuntimeError("no capture")))
+    monkeypatch.setattr(speedups.HostOffload, "MIN_BYTES", 0)
+    packed = []
+    pack = speedups.HostOffload.pack
+    monkeypatch.setattr(speedups.HostOffload, "pack", lambda self, t: packed.append(1) or pack(self, t))
+    groups = [examples(4, s) for s in range(2)]
+    rows = [PackedCollator(static=StaticRows.of(groups, budget=96))(g) for g in groups]
+    reference, graphed = lora_model(), lora_model()
+    want_losses, want = grads_after(reference, rows)
+    cfg = TrainConfig(cuda_graphs="on", offload_checkpoints="on", checkpoint_share=1.0)
+    speed = {}
+    with contextlib.ExitStack() as undo:
+        speedups.plan_checkpointing(graphed, cfg, "cpu", speed, undo, log=lambda *a: None, graphs_refused=None)
+        got_losses, got = grads_after(graphed, rows)
+        assert speed["offloaded_checkpoints"] is True and "capture failed" in speed["cuda_graphs"]["stopped"]
+        assert len(packed) >= 2 * 4  # every layer above the first, in each micro-batch
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+    assert all(torch.allclose(got[n], g, rtol=1e-4, atol=1e-6) for n, g in want.items())
+    assert all(not isinstance(m._gradient_checkpointing_func, graphs.LayerGraph) for m in decoder_layers(graphed))

@@ -140,6 +140,7 @@ class Shared:
         # one stream for every warm-up and one for the host copies: cuBLAS keeps a workspace per stream it meets
         self.warmup_stream = torch.cuda.Stream() if cuda else None
         self.copy_stream = torch.cuda.Stream() if cuda and offload else None
+        self.forked = False  # the copy stream has work to join (a capture must not wait on a stream outside it)
         self.sources, self.buffers, self.spec = None, None, None
         self.rings = {}
         self.stopped = None  # why no more layers are captured (a capture failed)
@@ -198,11 +199,15 @@ class Shared:
         if self.copy_stream is None:
             return contextlib.nullcontext()
         self.copy_stream.wait_stream(torch.cuda.current_stream())
+        self.forked = True
         return torch.cuda.stream(self.copy_stream)
 
     def join(self):
-        if self.copy_stream is not None:
+        """Wait for the copies forked by `side` in this graph; without one, waiting on the copy stream (outside the
+        capture) would fail the capture with cudaErrorStreamCaptureIsolation (seen on the H100, 2026-12-05)."""
+        if self.forked:
             torch.cuda.current_stream().wait_stream(self.copy_stream)
+            self.forked = False
 
     def pool_gb(self) -> float:
         """GPU memory the graphs' private pool holds: replays use it without the allocator counting it."""

@@ -240,13 +240,14 @@ def plan_checkpointing(model, cfg, device, speed: dict, undo, log=print, graphs_
     speed["checkpointed_layers"], unlimit = limit_checkpointing(model, 1.0 if auto else cfg.checkpoint_share)
     undo.callback(unlimit)
     speed["cuda_graphs"] = f"off ({graphs_refused})" if graphs_refused else None
-    if not graphs_refused:  # the graphs keep each layer's input in their own buffers: nothing left to offload
-        shared, ungraph = graph_layers(decoder_layers(model), device, log, offload=offload_wanted(cfg, device))
-        undo.callback(ungraph)
-        speed["cuda_graphs"] = shared.stats  # filled in while training
-    elif offload_wanted(cfg, device):
+    offload = offload_wanted(cfg, device)
+    if offload:  # under the graphs, for the calls they do not replay (a capture that failed, other shapes)
         undo.callback(offload_checkpoints(model)[1])
         speed["offloaded_checkpoints"] = True
+    if not graphs_refused:  # a replayed layer keeps its input in the graphs' buffers, offloaded inside the graphs
+        shared, ungraph = graph_layers(decoder_layers(model), device, log, offload=offload)
+        undo.callback(ungraph)
+        speed["cuda_graphs"] = shared.stats  # filled in while training
     if auto and device == "cuda":
         budget = cfg.max_memory_gb or torch.cuda.get_device_properties(0).total_memory / 2**30
         return CheckpointBudget(model, budget, log, record=speed.update)
