@@ -168,9 +168,11 @@ class TrainConfig:
                                            "computation (1 GB at 4,096 tokens of a 7B model; auto = on a single "
                                            "GPU, off on a CPU and with several processes)", ["auto", "on", "off"])
     cuda_graphs: str = opt("auto", "replay each checkpointed decoder layer's forward and its recomputation with "
-                                   "backward as CUDA graphs: one launch where there were hundreds (auto = on one "
-                                   "CUDA GPU with packed rows, gradient checkpointing and no dropout in the layers; "
-                                   "replaces --offload_checkpoints)", ["auto", "on", "off"])
+                                   "backward as CUDA graphs: one launch where there were hundreds, for hosts too "
+                                   "slow to keep the GPU busy (on: one CUDA GPU, packed rows, gradient checkpointing, "
+                                   "no dropout in the layers; about 1.3 GB more GPU memory at 7B; auto = off: no "
+                                   "faster than compiled layers where measured, docs/performance.md)",
+                           ["auto", "on", "off"])
 
     def validate(self) -> list[str]:
         problems = []

@@ -91,6 +91,8 @@ def refusal(cfg, device: str, packing: bool, checkpointing: bool, layers) -> str
 def _refusal(cfg, device, packing, checkpointing, layers):
     if cfg.cuda_graphs == "off":
         return "--cuda_graphs off"
+    if cfg.cuda_graphs == "auto":  # opt-in: on the H100 host, compiled layers were as fast without them (2026-12-05)
+        return "--cuda_graphs auto: opt-in, --cuda_graphs on"
     reasons = [
         (not available(device), "no CUDA GPU"),
         (not packing, "no packed rows (--packing)"),
