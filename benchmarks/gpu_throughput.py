@@ -655,14 +655,16 @@ def correctness_check(ckpt, steps, tokens_per_batch, method="qlora", ours=None):
 def loss_curves(method, ckpt, steps, tokens_per_batch, ours=None):
     """(2) of the check: curves over the same micro-batches (same examples, same order), each run in its own
     process; the plain side pads each packed group and runs the library's own forward, checkpoints in place."""
-    curves = {}
+    curves, chosen = {}, {}
     plain = {"liger": "off", "compile": "off", "offload_checkpoints": "off", "cuda_graphs": "off"}
     for label, over, padded in (("plain", plain, True), ("ours", dict(ours or {}), False)):
         m = run_ours_isolated(method, ckpt, steps, tokens_per_batch, dict(over, packing="on", logging_steps=1),
                               seed=1, padded_groups=padded)
         curves[label] = [p["loss"] for p in m["loss_curve"]]
+        chosen[label] = m.get("speed_settings", {})  # what each side ran with (a lever may have fallen back)
     rel = [abs(a - b) / b for a, b in zip(curves["ours"], curves["plain"])]
-    return dict(method=method, ours_settings=ours or {}, curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
+    return dict(method=method, ours_settings=ours or {}, ours_speed_settings=chosen["ours"],
+                plain_speed_settings=chosen["plain"], curve_steps=len(rel), curve_max_rel_diff=round(max(rel), 5),
                 curve_mean_rel_diff=round(sum(rel) / len(rel), 5), curve_ours=curves["ours"],
                 curve_plain=curves["plain"])
 
