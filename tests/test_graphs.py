@@ -2,6 +2,7 @@
 (graphs.Rerun) runs the captured function again at each replay, over the same buffers: what a CUDA graph computes.
 Graphs change where tensors live and how kernels are launched, not what is computed: the same losses and gradients."""
 
+import contextlib
 import functools
 
 import pytest
@@ -112,11 +113,12 @@ def test_a_call_unlike_the_captured_one_runs_the_layers_checkpoint(rerun):
     undo()
 
 
-def test_a_failed_capture_leaves_the_layers_running_as_before(rerun, monkeypatch):
-    def broken(self, fn):
-        raise RuntimeError("operation not permitted when stream is capturing")
+def broken_capture(self, fn):
+    raise RuntimeError("operation not permitted when stream is capturing")
 
-    monkeypatch.setattr(graphs.Rerun, "capture", broken)
+
+def test_a_failed_capture_leaves_the_layers_running_as_before(rerun, monkeypatch):
+    monkeypatch.setattr(graphs.Rerun, "capture", broken_capture)
     groups = [examples(4, s) for s in range(2)]
     rows = [PackedCollator(static=StaticRows.of(groups, budget=96))(g) for g in groups]
     reference, graphed = lora_model(), lora_model()
@@ -211,9 +213,7 @@ def test_graphs_need_a_gpu_and_say_so(tiny_model, processed, tmp_path):
 def test_layers_the_graphs_do_not_replay_still_offload_their_inputs(rerun, monkeypatch):
     """--offload_checkpoints under --cuda_graphs: a layer whose capture failed runs its checkpoint with its input
     offloaded, as it would without graphs (on the CPU the host copy is a clone, counted by the hooks)."""
-    import contextlib
-
-    monkeypatch.setattr(graphs.Rerun, "capture", lambda self, fn: (_ for _ in ()).throw(RuntimeError("no capture")))
+    monkeypatch.setattr(graphs.Rerun, "capture", broken_capture)
     monkeypatch.setattr(speedups.HostOffload, "MIN_BYTES", 0)
     packed = []
     pack = speedups.HostOffload.pack
