@@ -170,7 +170,7 @@ class TrainConfig:
     cuda_graphs: str = opt("auto", "replay each checkpointed decoder layer's forward and its recomputation with "
                                    "backward as CUDA graphs: one launch where there were hundreds, for hosts too "
                                    "slow to keep the GPU busy (on: one CUDA GPU, packed rows, gradient checkpointing, "
-                                   "no dropout in the layers; about 1.3 GB more GPU memory at 7B; auto = off: no "
+                                   "no dropout in the layers; about 1.2 GB more GPU memory at 7B; auto = off: no "
                                    "faster than compiled layers where measured, docs/performance.md)",
                            ["auto", "on", "off"])
 
