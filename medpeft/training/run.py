@@ -38,7 +38,7 @@ from ..tokens import PadCollator, answer_examples
 from .checkpoints import (CHECKPOINT_IDENTITY, checkpoint_dir, complete_checkpoints, disk_full,
                           drop_incomplete_checkpoints, find_checkpoint, mark_complete_callback)
 from .measure import RssSampler, StepTimer, count_parameters, peak_memory_gb
-from . import graphs
+from . import fp8, graphs
 from .packing import PackedCollator, StaticRows, enable_varlen_attention, pack_batches, token_budget
 from .selection import (balance_labels, evaluation_interval, guard_default, score_unpatched, search_learning_rate,
                         selector_callback, time_limit_callback, validation_score)
@@ -158,6 +158,15 @@ class TrainingRun:
             collator.answer_logits = peft_config.num_virtual_tokens if getattr(
                 peft_config, "is_prompt_learning", False) else 0
             speed["answer_logits_only"] = True
+        if cfg.fp8 == "on":
+            why = fp8.refusal(device)
+            if why:
+                raise UsageError(f"--fp8 on: {why}")
+            speed["fp8_layers"], unconvert = fp8.to_fp8(self.model)
+            undo.callback(unconvert)
+            if not speed["fp8_layers"]:
+                self.log("--fp8 on: no frozen linear layer of a bf16 base in the decoder layers; training in the "
+                         "working precision")
         self.checkpoint_budget = (plan_checkpointing(self.model, cfg, device, speed, undo, self.log, graphs_refused)
                                   if self.ctx.gradient_checkpointing else None)
         if compiled:

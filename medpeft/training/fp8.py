@@ -1,0 +1,125 @@
+"""--fp8 on: the frozen base's linear layers multiply in FP8 (e4m3) while training; adapters, LoRA weights, prompt
+encoders, norms, attention and the loss stay in the working precision.
+
+    to_fp8(model) -> (layers converted, what undoes it)
+
+Each frozen linear weight of the decoder layers is stored as e4m3 with one scale per output row (half the memory of
+bf16); its input is scaled per row (token) on the fly, and the product runs on the FP8 tensor cores (Ada, Hopper:
+twice the bf16 rate) with float32 accumulation. Backward needs only the input's gradient (the weight is frozen): a
+bf16 matmul with the dequantized weight, so the gradients' precision is not lowered, and no activation is kept for
+the frozen weight. An approximation, unlike the other levers: each product is rounded to 3 bits of mantissa before
+accumulating, so it is opt-in and the loss curve is checked against bf16 (benchmarks/gpu_throughput.py
+--check_set fp8=on). Undo puts the exact weights back (kept in host memory meanwhile), so evaluation and saving
+after training see the base as it was loaded.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+E4M3 = torch.float8_e4m3fn
+E4M3_MAX = torch.finfo(E4M3).max  # 448
+ALIGN = 16  # the FP8 matmul kernels want both dimensions of the weight in multiples of 16
+
+
+def quantize_rows(t: torch.Tensor):
+    """(e4m3 tensor, float32 scale of each row, shape [rows, 1]) with t ~= q * scale; the largest element of each
+    row lands on e4m3's largest value."""
+    top = 448.0  # E4M3_MAX written out: dynamo fails on a module-level float shared by two autograd.Functions' graphs
+    amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
+    scale = amax / top
+    return (t.float() / scale).clamp(-top, top).to(E4M3), scale
+
+
+class _Fp8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, scale):  # x [..., in], weight [out, in] e4m3, scale [out, 1] float32
+        rows = x.reshape(-1, x.shape[-1])
+        q, x_scale = quantize_rows(rows)
+        y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=torch.bfloat16,
+                             use_fast_accum=True)
+        ctx.save_for_backward(weight, scale)
+        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+    @staticmethod
+    def backward(ctx, grad):
+        weight, scale = ctx.saved_tensors
+        dense = (weight.to(torch.float32) * scale).to(grad.dtype)
+        return grad @ dense, None, None
+
+
+class Fp8Linear(nn.Linear):
+    """A frozen nn.Linear whose weight is e4m3 (`weight`, same shape) with a scale per output row (`fp8_scale`)."""
+
+    def forward(self, x):
+        y = _Fp8Matmul.apply(x, self.weight, self.fp8_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def _adapters_linear(module) -> bool:
+    """AdapterHub wraps the attention's linear layers in its LoRA class even where no LoRA is added (bottleneck
+    adapters); without one in it, its forward is nn.Linear's (through super()) and nothing else."""
+    try:
+        from adapters.methods.lora import LoRALinearTorch
+    except ImportError:
+        return False
+    return isinstance(module, LoRALinearTorch) and not module.loras and not module.fan_in_fan_out
+
+
+def eligible(module) -> bool:
+    w = getattr(module, "weight", None)
+    return ((type(module) is nn.Linear or _adapters_linear(module)) and not w.requires_grad
+            and w.dtype in (torch.bfloat16, torch.float16, torch.float32)
+            and w.shape[0] % ALIGN == 0 and w.shape[1] % ALIGN == 0)
+
+
+_CLASSES = {nn.Linear: Fp8Linear}
+
+
+def fp8_class(cls):
+    """cls with Fp8Linear where it has nn.Linear among its bases: its forward's super().forward() reaches ours."""
+    if cls not in _CLASSES:
+        bases = tuple(Fp8Linear if b is nn.Linear else b for b in cls.__bases__)
+        _CLASSES[cls] = type(f"Fp8{cls.__name__}", bases, {})
+    return _CLASSES[cls]
+
+
+def to_fp8(model, layers=None):
+    """Every frozen nn.Linear inside the decoder layers (q/k/v/o, gate/up/down; LoRA's base layers) multiplies in
+    FP8; trainable linear layers (LoRA's A and B, adapters' projections) and those of other kinds (4-bit ones) are
+    left alone. `layers`: where to look (default: the decoder layers). Returns (how many were converted, what undoes
+    it)."""
+    from .speedups import decoder_layers
+
+    converted = []
+    for layer in (layers or decoder_layers)(model):
+        for module in layer.modules():
+            if not eligible(module):
+                continue
+            exact = module.weight.data
+            q, scale = quantize_rows(exact)
+            converted.append((module, type(module), exact.to("cpu")))
+            module.weight.data = q
+            module.register_buffer("fp8_scale", scale, persistent=False)
+            module.__class__ = fp8_class(type(module))
+
+    def undo():
+        for module, cls, exact in converted:
+            module.__class__ = cls
+            module.weight.data = exact.to(module.weight.device)
+            del module.fp8_scale
+        converted.clear()
+
+    return len(converted), undo
+
+
+def refusal(device: str) -> str | None:
+    """Why --fp8 on cannot run on this device (None: it can; the settings' own conflicts are TrainConfig.validate's).
+    On the CPU it runs (torch's FP8 matmul emulates it there): the tests train with it."""
+    if device == "cuda":
+        major, minor = torch.cuda.get_device_capability()
+        if (major, minor) < (8, 9):
+            return (f"this GPU (compute capability {major}.{minor}) has no FP8 tensor cores (8.9+: Ada, Hopper and "
+                    f"later); leave --fp8 off")
+    return None
