@@ -163,3 +163,28 @@ def test_the_cli_refuses_fp8_on_a_4bit_base_in_one_line(tmp_path):
     assert r.returncode == 2, r.stderr
     assert "--fp8 on: the base is 4-bit NF4" in r.stderr and "Traceback" not in r.stderr
 
+
+def test_the_peak_memory_is_read_while_the_base_is_still_fp8(tiny_model, processed, tmp_path, monkeypatch):
+    """Putting the exact weights back holds both copies for a moment: a peak read after that would report it (as the
+    first GPU measurements did: 14.2 GB for the adapter at 4,096 and at 8,192 tokens alike)."""
+    from medpeft.training import run as run_module
+
+    seen = []
+    original = run_module.peak_memory_gb
+
+    def spy(device, sampler=None, speed=None):
+        seen.append(any(isinstance(m, fp8.Fp8Linear) for m in model.modules()))
+        return original(device, sampler, speed)
+
+    monkeypatch.setattr(run_module, "peak_memory_gb", spy)
+    method, options, overrides = CASES["lora-bf16-base"]
+    cfg = TrainConfig(model_name=tiny_model, data_path=processed, output_dir=str(tmp_path / "o"), max_steps=2,
+                      batch_size=8, report_to="none", save_steps=0, fp8="on", **overrides)
+    run = build(method, cfg, methods.get(method).Options(**options), log=lambda *a: None)
+    model = run.model
+    try:
+        metrics = run.fit()
+    finally:
+        run.cleanup()
+    assert seen == [True] and metrics["peak_memory_gb"] > 0
+    assert not any(isinstance(m, fp8.Fp8Linear) for m in model.modules())

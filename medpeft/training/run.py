@@ -198,7 +198,7 @@ class TrainingRun:
             self.log(f"resuming from {resume}")
         while True:
             try:
-                trainer, result, runtime, collator, speed, timer, sampler = self._train(base_val, resume)
+                trainer, result, runtime, collator, speed, timer, peak = self._train(base_val, resume)
                 break
             except Exception as exc:  # noqa: BLE001 - sorted below: out of memory, disk full, or not ours
                 if not out_of_memory(exc):
@@ -271,7 +271,7 @@ class TrainingRun:
             "processes": process_count(), "sharded": shard,
             # what this process holds: the whole model, or under FSDP its shard of every layer
             "parameters_per_process": sum(p.numel() for p in trainer.model.parameters()),
-            **peak_memory_gb(device, sampler, speed), "device": device,
+            **peak, "device": device,
             "compute_dtype": short(model_compute_dtype(self.model)),
             "trainable_parameters": trainable, "total_parameters": total,
             "trainable_percent": round(100 * trainable / total, 4),
@@ -292,11 +292,12 @@ class TrainingRun:
         with contextlib.ExitStack() as undo:
             train_data, collator, batch_size, speed = self._batches(undo)
             self.log("speed: " + ", ".join(f"{k} {v}" for k, v in speed.items()))
-            trainer, result, runtime, timer, sampler = self._run_trainer(train_data, collator, batch_size, base_val,
-                                                                         resume, undo)
-        return trainer, result, runtime, collator, speed, timer, sampler
+            trainer, result, runtime, timer, peak = self._run_trainer(train_data, collator, batch_size, base_val,
+                                                                      resume, undo, speed)
+        return trainer, result, runtime, collator, speed, timer, peak
 
-    def _run_trainer(self, train_data, collator, batch_size, base_val, resume, undo: contextlib.ExitStack):
+    def _run_trainer(self, train_data, collator, batch_size, base_val, resume, undo: contextlib.ExitStack,
+                     speed: dict):
         from transformers import TrainingArguments
         from transformers.trainer_callback import ProgressCallback
 
@@ -364,7 +365,9 @@ class TrainingRun:
         with scheduled_gc():
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         self.selection = selector.finish(trainer.state.global_step) if selector else None
-        return trainer, result, time.time() - t0, timer, sampler
+        runtime = time.time() - t0
+        # read before the settings are undone: putting back what --fp8 replaced holds both copies for a moment
+        return trainer, result, runtime, timer, peak_memory_gb(device, sampler, speed)
 
     def save(self, metrics: dict) -> Path:
         out, staging = Path(self.cfg.output_dir), self.staging
