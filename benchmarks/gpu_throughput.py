@@ -316,8 +316,10 @@ def main(argv=None):
     p.add_argument("--skip_check", action="store_true")
     p.add_argument("--skip_single", action="store_true", help="no single-GPU table (with --num_gpus)")
     p.add_argument("--check_steps", type=int, default=50)
-    p.add_argument("--check_method", default="qlora", choices=list(OURS),
-                   help="the correctness check's method (qlora: also the step-0 per-example losses)")
+    p.add_argument("--check_method", default="qlora", help="the correctness check's method, or several comma-"
+                   f"separated ({', '.join(OURS)}; qlora: also the step-0 per-example losses)")
+    p.add_argument("--check_last", action="store_true", help="run the check after the speed runs (a call cut "
+                   "short by its limit keeps the speed table)")
     p.add_argument("--peak_tflops", type=float, default=790.0, help="measured bf16 matrix rate of the card")
     p.add_argument("--variants", default="", help="extra runs, e.g. 'lora:checkpoint_share=0.5;adapter:liger=off'")
     p.add_argument("--num_gpus", type=int, default=1, help="also run each method data-parallel on this many "
@@ -390,14 +392,25 @@ def main(argv=None):
             results["plain"][name] = dict(r, useful_tokens_per_s=round(r["tokens_per_s"] * eff))
             save(results)
     common = {"logging_steps": args.logging_steps, **settings(args.set)}
-    if not args.skip_check:
-        try:
-            results["check"] = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch, args.check_method,
-                                                 ours=settings(args.check_set or args.set))
-        except Exception as exc:  # the speed table still runs
-            results["check"] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
-        print("check", json.dumps(results["check"]), flush=True)
-        save(results)
+    checks = [m.strip() for m in args.check_method.split(",") if m.strip()]
+    unknown = sorted(set(checks) - set(OURS))
+    if unknown:
+        p.error(f"--check_method: unknown {', '.join(unknown)}; choose from {', '.join(OURS)}")
+
+    def check():
+        for method in checks:
+            try:
+                got = correctness_check(plain.CK, args.check_steps, args.tokens_per_batch, method,
+                                        ours=settings(args.check_set or args.set))
+            except Exception as exc:  # the other checks and the speed table still run
+                got = {"method": method, "error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            # one method: the check's fields at the top, as in earlier results files
+            results["check"] = got if len(checks) == 1 else {**results["check"], method: got}
+            print("check", json.dumps(got), flush=True)
+            save(results)
+
+    if not args.skip_check and not args.check_last:
+        check()
     if args.profile:  # the speed runs only, not the check's
         os.environ["BENCH_PROFILE"] = args.profile  # read by each run's own process
     if args.num_gpus > 1:
@@ -432,6 +445,8 @@ def main(argv=None):
         print(label, json.dumps(results["ours"][label]), flush=True)
         save(results)
     table(results, names)
+    if not args.skip_check and args.check_last:
+        check()
     print(f"wrote {save(results)}")
 
 
