@@ -1,5 +1,6 @@
 """--fp8 on: the frozen base's linear layers multiply in e4m3 with a scale per row. On the CPU torch's FP8 matmul
-(torch._scaled_mm) rounds as the GPU's does, so these tests train through the same code. FP8 is an approximation:
+(torch._scaled_mm) rounds as the GPU's does, so these tests train through the same code, with the CPU's refusal
+lifted (`emulated`: users get a one-line error there, FP8 being slower than bf16 on a CPU). FP8 is an approximation:
 the tolerances below are e4m3's (3 bits of mantissa: 2^-4 relative rounding per element), not bf16's."""
 
 import pytest
@@ -12,6 +13,11 @@ from medpeft.training import build, fp8, speedups
 from medpeft.training.speedups import decoder_layers
 
 pytestmark = pytest.mark.filterwarnings("ignore")
+
+
+@pytest.fixture
+def emulated(monkeypatch):
+    monkeypatch.setattr(fp8, "refusal", lambda device: None)
 
 
 def rel(a, b):
@@ -105,7 +111,7 @@ CASES = {
 
 @pytest.mark.slow  # make test-fast leaves it out
 @pytest.mark.parametrize("case", list(CASES))
-def test_training_with_fp8_follows_the_working_precision(case, tiny_model, processed, tmp_path):
+def test_training_with_fp8_follows_the_working_precision(case, emulated, tiny_model, processed, tmp_path):
     method, options, overrides = CASES[case]
     _, exact = fit(tiny_model, processed, tmp_path / "exact", method, options, overrides)
     assert "fp8_layers" not in exact["speed_settings"]  # off by default
@@ -121,7 +127,8 @@ def test_training_with_fp8_follows_the_working_precision(case, tiny_model, proce
     assert rounded["validation_loss_final"] == pytest.approx(exact["validation_loss_final"], rel=0.02)
 
 
-def test_fp8_through_compiled_layers_follows_the_working_precision(tiny_model, processed, tmp_path, monkeypatch):
+def test_fp8_through_compiled_layers_follows_the_working_precision(emulated, tiny_model, processed, tmp_path,
+                                                                   monkeypatch):
     """Compiled layers trace the FP8 matmul (the GPU's default path). Not compared to eager FP8 at bf16's tolerance:
     the compiler may compute a row's scale to a different last bit, which moves elements across e4m3's rounding
     steps (2^-4 apart); the measure is the one above, the curve of the working precision."""
@@ -145,13 +152,28 @@ def test_fp8_through_compiled_layers_follows_the_working_precision(tiny_model, p
 def test_fp8_is_refused_where_it_cannot_run(monkeypatch):
     problems = TrainConfig(model_name="m", fp8="on", load_in_4bit=True).validate()
     assert any("--fp8 on: the base is 4-bit NF4" in p and "--load_in_4bit false" in p for p in problems)
-    problems = TrainConfig(model_name="m", fp8="on", fsdp=True, num_gpus=2).validate()
-    assert any(p.startswith("--fp8 on: --fsdp") for p in problems)
+    for several in (dict(fsdp=True, num_gpus=2), dict(num_gpus=2)):
+        problems = TrainConfig(model_name="m", fp8="on", **several).validate()
+        assert any(p.startswith("--fp8 on: one process only") for p in problems)
     assert not [p for p in TrainConfig(model_name="m", fp8="on").validate() if "fp8" in p]
+    assert "on a CPU it is emulated and slower than bf16" in fp8.refusal("cpu")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (8, 0))  # an A100
     assert "compute capability 8.0" in fp8.refusal("cuda")
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda *a: (9, 0))  # an H100
-    assert fp8.refusal("cuda") is None and fp8.refusal("cpu") is None
+    assert fp8.refusal("cuda") is None
+
+
+def test_training_on_a_cpu_with_fp8_stops_with_one_line_before_training(tiny_model, processed, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    r = subprocess.run([sys.executable, "adapter_tuning/train_adapter.py", "--model_name", tiny_model, "--data_path",
+                        processed, "--output_dir", str(out), "--max_steps", "2", "--report_to", "none", "--fp8", "on"],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "--fp8 on: FP8 needs a CUDA GPU" in r.stderr and "Traceback" not in r.stderr
+    assert not out.exists()  # no half-written output
 
 
 def test_the_cli_refuses_fp8_on_a_4bit_base_in_one_line(tmp_path):
@@ -164,7 +186,8 @@ def test_the_cli_refuses_fp8_on_a_4bit_base_in_one_line(tmp_path):
     assert "--fp8 on: the base is 4-bit NF4" in r.stderr and "Traceback" not in r.stderr
 
 
-def test_the_peak_memory_is_read_while_the_base_is_still_fp8(tiny_model, processed, tmp_path, monkeypatch):
+def test_the_peak_memory_is_read_while_the_base_is_still_fp8(emulated, tiny_model, processed, tmp_path,
+                                                             monkeypatch):
     """Putting the exact weights back holds both copies for a moment: a peak read after that would report it (as the
     first GPU measurements did: 14.2 GB for the adapter at 4,096 and at 8,192 tokens alike)."""
     from medpeft.training import run as run_module

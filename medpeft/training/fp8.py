@@ -116,10 +116,13 @@ def to_fp8(model, layers=None):
 
 def refusal(device: str) -> str | None:
     """Why --fp8 on cannot run on this device (None: it can; the settings' own conflicts are TrainConfig.validate's).
-    On the CPU it runs (torch's FP8 matmul emulates it there): the tests train with it."""
-    if device == "cuda":
-        major, minor = torch.cuda.get_device_capability()
-        if (major, minor) < (8, 9):
-            return (f"this GPU (compute capability {major}.{minor}) has no FP8 tensor cores (8.9+: Ada, Hopper and "
-                    f"later); leave --fp8 off")
+    A CPU has no FP8 matmul units: torch emulates them there, 4x slower than bf16 (AMD EPYC, 2026-12-06), so a CPU
+    is refused too; the tests lift that refusal to train through the same code."""
+    if device != "cuda":
+        return ("FP8 needs a CUDA GPU with FP8 tensor cores (compute capability 8.9+: Ada, Hopper and later); on a "
+                "CPU it is emulated and slower than bf16: leave --fp8 off")
+    major, minor = torch.cuda.get_device_capability()
+    if (major, minor) < (8, 9):
+        return (f"this GPU (compute capability {major}.{minor}) has no FP8 tensor cores (8.9+: Ada, Hopper and "
+                f"later); leave --fp8 off")
     return None
