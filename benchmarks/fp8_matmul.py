@@ -51,11 +51,11 @@ def main():
         for label, layer in (("bf16", dense), ("fp8", quantized)):
             err = float((layer(x.detach()).float() - reference).norm() / reference.norm())
             for mode, f in (("eager", layer), ("compiled", torch.compile(layer, dynamic=True))):
-                def fwd():
+                def fwd(f=f, x=x):
                     with torch.no_grad():
                         f(x)
 
-                def fwd_bwd():
+                def fwd_bwd(f=f, x=x, grad=grad):
                     f(x).backward(grad)
                     x.grad = None
 

@@ -18,6 +18,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import UsageError
+from .speedups import decoder_layers
+
 E4M3 = torch.float8_e4m3fn
 E4M3_MAX = torch.finfo(E4M3).max  # 448
 ALIGN = 16  # the FP8 matmul kernels want both dimensions of the weight in multiples of 16
@@ -90,8 +93,6 @@ def to_fp8(model, layers=None):
     FP8; trainable linear layers (LoRA's A and B, adapters' projections) and those of other kinds (4-bit ones) are
     left alone. `layers`: where to look (default: the decoder layers). Returns (how many were converted, what undoes
     it)."""
-    from .speedups import decoder_layers
-
     converted = []
     for layer in (layers or decoder_layers)(model):
         for module in layer.modules():
@@ -104,7 +105,7 @@ def to_fp8(model, layers=None):
             module.register_buffer("fp8_scale", scale, persistent=False)
             module.__class__ = fp8_class(type(module))
 
-    def undo():
+    def undo():  # holds both copies for a moment: a training run reads its peak memory before this
         for module, cls, exact in converted:
             module.__class__ = cls
             module.weight.data = exact.to(module.weight.device)
@@ -126,3 +127,17 @@ def refusal(device: str) -> str | None:
         return (f"this GPU (compute capability {major}.{minor}) has no FP8 tensor cores (8.9+: Ada, Hopper and "
                 f"later); leave --fp8 off")
     return None
+
+
+def plan(model, cfg, device: str, speed: dict, undo, log=print) -> None:
+    """--fp8 in a training run: with `on`, refused here (UsageError) or the layers converted, their count into
+    `speed`, the undo onto `undo` (an ExitStack)."""
+    if cfg.fp8 != "on":
+        return
+    why = refusal(device)
+    if why:
+        raise UsageError(f"--fp8 on: {why}")
+    speed["fp8_layers"], unconvert = to_fp8(model)
+    undo.callback(unconvert)
+    if not speed["fp8_layers"]:
+        log("--fp8 on: no frozen linear layer of a bf16 base in the decoder layers; training in the working precision")

@@ -158,15 +158,7 @@ class TrainingRun:
             collator.answer_logits = peft_config.num_virtual_tokens if getattr(
                 peft_config, "is_prompt_learning", False) else 0
             speed["answer_logits_only"] = True
-        if cfg.fp8 == "on":
-            why = fp8.refusal(device)
-            if why:
-                raise UsageError(f"--fp8 on: {why}")
-            speed["fp8_layers"], unconvert = fp8.to_fp8(self.model)
-            undo.callback(unconvert)
-            if not speed["fp8_layers"]:
-                self.log("--fp8 on: no frozen linear layer of a bf16 base in the decoder layers; training in the "
-                         "working precision")
+        fp8.plan(self.model, cfg, device, speed, undo, self.log)
         self.checkpoint_budget = (plan_checkpointing(self.model, cfg, device, speed, undo, self.log, graphs_refused)
                                   if self.ctx.gradient_checkpointing else None)
         if compiled:
@@ -296,8 +288,7 @@ class TrainingRun:
                                                                       resume, undo, speed)
         return trainer, result, runtime, collator, speed, timer, peak
 
-    def _run_trainer(self, train_data, collator, batch_size, base_val, resume, undo: contextlib.ExitStack,
-                     speed: dict):
+    def _run_trainer(self, train_data, collator, batch_size, base_val, resume, undo, speed: dict):
         from transformers import TrainingArguments
         from transformers.trainer_callback import ProgressCallback
 
@@ -316,13 +307,12 @@ class TrainingRun:
             per_device_train_batch_size=batch_size, per_device_eval_batch_size=cfg.batch_size,
             gradient_accumulation_steps=cfg.gradient_accumulation_steps, learning_rate=cfg.learning_rate,
             lr_scheduler_type=cfg.lr_scheduler_type, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
-            max_grad_norm=cfg.max_grad_norm,
-            logging_steps=cfg.logging_steps, eval_strategy="steps" if cfg.eval_steps else "no",
+            max_grad_norm=cfg.max_grad_norm, logging_steps=cfg.logging_steps,
+            eval_strategy="steps" if cfg.eval_steps else "no",
             eval_steps=cfg.eval_steps or None, save_strategy="steps" if cfg.save_steps else "no",
             save_steps=cfg.save_steps or 500, save_total_limit=2, report_to=reporters(cfg.report_to),
             logging_dir=str(self.staging / "logs"), seed=cfg.seed,
-            bf16=use_bf16, use_cpu=device == "cpu",
-            optim=optimizer(cfg, device),
+            bf16=use_bf16, use_cpu=device == "cpu", optim=optimizer(cfg, device),
             remove_unused_columns=False, label_names=["labels"], dataloader_num_workers=0,
             group_by_length=cfg.group_by_length and batch_size > 1, disable_tqdm=False,
             gradient_checkpointing=False,  # set up by ctx.load_base, before the method is attached
@@ -365,9 +355,7 @@ class TrainingRun:
         with scheduled_gc():
             result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
         self.selection = selector.finish(trainer.state.global_step) if selector else None
-        runtime = time.time() - t0
-        # read before the settings are undone: putting back what --fp8 replaced holds both copies for a moment
-        return trainer, result, runtime, timer, peak_memory_gb(device, sampler, speed)
+        return trainer, result, time.time() - t0, timer, peak_memory_gb(device, sampler, speed)  # before the undo
 
     def save(self, metrics: dict) -> Path:
         out, staging = Path(self.cfg.output_dir), self.staging
