@@ -211,3 +211,26 @@ def test_the_peak_memory_is_read_while_the_base_is_still_fp8(emulated, tiny_mode
         run.cleanup()
     assert seen == [True] and metrics["peak_memory_gb"] > 0
     assert not any(isinstance(m, fp8.Fp8Linear) for m in model.modules())
+
+
+def test_fp8_layers_inside_cuda_graphs_give_the_losses_and_gradients_of_checkpointed_fp8_layers(monkeypatch):
+    """--fp8 on with --cuda_graphs on: the graphs (their CPU stand-in, which runs the captured function again over the
+    same buffers) capture the FP8 matmuls like any other kernel."""
+    from medpeft.training import graphs
+    from medpeft.training.packing import PackedCollator, StaticRows
+    from test_graphs import examples, grads_after
+    from test_graphs import lora_model as checkpointed_lora_model
+
+    monkeypatch.setattr(graphs, "RECORDER", graphs.Rerun)
+    groups = [examples(4, s) for s in range(3)]
+    shape = StaticRows.of(groups, budget=96)
+    reference, graphed = checkpointed_lora_model(), checkpointed_lora_model()
+    assert fp8.to_fp8(reference)[0] == fp8.to_fp8(graphed)[0] == 5 * 7
+    want_losses, want = grads_after(reference, [PackedCollator()(g) for g in groups])
+    shared, undo = graphs.graph_layers(decoder_layers(graphed), "cpu", log=lambda *a: None, offload=True)
+    got_losses, got = grads_after(graphed, [PackedCollator(static=shape)(g) for g in groups])
+    assert shared.stats["captured_layers"] == 5 and shared.stats["eager_calls"] == {}
+    assert got_losses == pytest.approx(want_losses, rel=1e-5)
+    for name, g in want.items():
+        assert torch.allclose(got[name], g, rtol=1e-4, atol=1e-6), name
+    undo()
