@@ -176,7 +176,8 @@ class TrainConfig:
 
     fp8: str = opt("off", "the frozen base's linear layers multiply in FP8 (e4m3, a scale per row) while training: "
                           "half their memory and the FP8 tensor cores' rate; an approximation, opt-in (one CUDA GPU of "
-                          "compute capability 8.9+, a bf16 base: not with --load_in_4bit; docs/performance.md)", ["on", "off"])
+                          "compute capability 8.9+, a bf16 base: not with --load_in_4bit; docs/performance.md)",
+                   ["on", "off"])
 
     def validate(self) -> list[str]:
         problems = []

@@ -22,14 +22,15 @@ from ..errors import UsageError
 from .speedups import decoder_layers
 
 E4M3 = torch.float8_e4m3fn
-E4M3_MAX = torch.finfo(E4M3).max  # 448
 ALIGN = 16  # the FP8 matmul kernels want both dimensions of the weight in multiples of 16
 
 
 def quantize_rows(t: torch.Tensor):
     """(e4m3 tensor, float32 scale of each row, shape [rows, 1]) with t ~= q * scale; the largest element of each
     row lands on e4m3's largest value."""
-    top = 448.0  # E4M3_MAX written out: dynamo fails on a module-level float shared by two autograd.Functions' graphs
+    # e4m3's largest value, torch.finfo(E4M3).max; not a module-level constant: dynamo fails on a module-level float
+    # that two autograd.Functions' traced forwards share ("lift_tracked_freevar_to_input ... root SubgraphTracer")
+    top = 448.0
     amax = t.detach().abs().amax(dim=-1, keepdim=True).float().clamp(min=1e-12)
     scale = amax / top
     return (t.float() / scale).clamp(-top, top).to(E4M3), scale
