@@ -11,6 +11,7 @@ from medpeft import methods
 from medpeft.config import TrainConfig
 from medpeft.training import build, fp8, speedups
 from medpeft.training.speedups import decoder_layers
+from test_graphs import lora_model  # a 7-projection LoRA'd Mistral of a few layers, checkpointed
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 
@@ -55,19 +56,8 @@ def test_quantized_rows_keep_each_rows_largest_value_and_zero_rows():
     assert torch.allclose(back, t, rtol=2 ** -4, atol=0)
 
 
-def lora_model(layers=2):
-    from peft import LoraConfig, get_peft_model
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    model = MistralForCausalLM(MistralConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2))
-    model.requires_grad_(False)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules="all-linear"))
-
-
 def test_only_the_frozen_bases_layers_become_fp8_and_undo_restores_them_exactly():
-    model = lora_model()
+    model = lora_model(layers=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     n, undo = fp8.to_fp8(model)
     assert n == 2 * 7  # q, k, v, o, gate, up, down in each of the 2 layers
@@ -219,12 +209,11 @@ def test_fp8_layers_inside_cuda_graphs_give_the_losses_and_gradients_of_checkpoi
     from medpeft.training import graphs
     from medpeft.training.packing import PackedCollator, StaticRows
     from test_graphs import examples, grads_after
-    from test_graphs import lora_model as checkpointed_lora_model
 
     monkeypatch.setattr(graphs, "RECORDER", graphs.Rerun)
     groups = [examples(4, s) for s in range(3)]
     shape = StaticRows.of(groups, budget=96)
-    reference, graphed = checkpointed_lora_model(), checkpointed_lora_model()
+    reference, graphed = lora_model(), lora_model()
     assert fp8.to_fp8(reference)[0] == fp8.to_fp8(graphed)[0] == 5 * 7
     want_losses, want = grads_after(reference, [PackedCollator()(g) for g in groups])
     shared, undo = graphs.graph_layers(decoder_layers(graphed), "cpu", log=lambda *a: None, offload=True)
