@@ -183,7 +183,7 @@ class TrainConfig:
         problems = []
         if self.fp8 == "on" and self.load_in_4bit:
             problems.append("--fp8 on: the base is 4-bit NF4 (QLoRA), FP8 replaces a bf16 base's matmuls; add "
-                            "--load_in_4bit false (LoRA on a bf16 base) or leave --fp8 off")
+                            "--no-load_in_4bit (LoRA on a bf16 base) or leave --fp8 off")
         if self.fp8 == "on" and (self.fsdp or self.num_gpus > 1):
             problems.append("--fp8 on: one process only (FSDP would shard the weights it converts; data parallel "
                             "was not tried with it); leave --fp8 off with --num_gpus or --fsdp")

@@ -141,7 +141,7 @@ def test_fp8_through_compiled_layers_follows_the_working_precision(emulated, tin
 
 def test_fp8_is_refused_where_it_cannot_run(monkeypatch):
     problems = TrainConfig(model_name="m", fp8="on", load_in_4bit=True).validate()
-    assert any("--fp8 on: the base is 4-bit NF4" in p and "--load_in_4bit false" in p for p in problems)
+    assert any("--fp8 on: the base is 4-bit NF4" in p and "--no-load_in_4bit" in p for p in problems)
     for several in (dict(fsdp=True, num_gpus=2), dict(num_gpus=2)):
         problems = TrainConfig(model_name="m", fp8="on", **several).validate()
         assert any(p.startswith("--fp8 on: one process only") for p in problems)
@@ -174,6 +174,11 @@ def test_the_cli_refuses_fp8_on_a_4bit_base_in_one_line(tmp_path):
                         "--fp8", "on"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2, r.stderr
     assert "--fp8 on: the base is 4-bit NF4" in r.stderr and "Traceback" not in r.stderr
+    # the fix the message names is a flag the script takes (it once named "--load_in_4bit false", which argparse
+    # refuses): with it, the 4-bit refusal is gone and only the next problem (no data here) is left
+    r = subprocess.run([sys.executable, "qlora/train_qlora.py", "--model_name", "m", "--data_path", str(tmp_path),
+                        "--fp8", "on", "--no-load_in_4bit"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "unrecognized arguments" not in r.stderr and "4-bit NF4" not in r.stderr, r.stderr
 
 
 def test_the_peak_memory_is_read_while_the_base_is_still_fp8(emulated, tiny_model, processed, tmp_path,
