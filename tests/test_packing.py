@@ -200,3 +200,29 @@ def test_the_gpu_benchmarks_profile_records_the_steps_asked_for(tiny_model, tmp_
     summary = tmp_path / "profile_lora_1gpu_ga1_rank0.txt"
     assert summary.read_text().startswith("steps 2-3: wall "), sorted(p.name for p in tmp_path.iterdir())
     assert (tmp_path / "profile_lora_1gpu_ga1_rank0.json.gz").stat().st_size > 1000
+
+
+def test_the_unsloth_peers_batches_hold_every_token_once_with_prompt_and_padding_masked():
+    """benchmarks/unsloth_peer.py's rate counts the tokens its batches hold: each batch has --batch_size distinct
+    examples of similar length, every example token once, the prompt and the padding out of the loss."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+    from gpu_throughput import synthetic_examples
+    from unsloth_peer import collate, length_grouped_batches, word_tokenizer
+
+    examples = synthetic_examples(200, seed=3)
+    batches = length_grouped_batches(examples, 16, seed=3)
+    assert len(batches) == 200 // 16 and all(len(set(b)) == 16 for b in batches)
+    assert len({j for b in batches for j in b}) == 16 * len(batches)
+    spread = [max(len(examples[j]["input_ids"]) for j in b) - min(len(examples[j]["input_ids"]) for j in b)
+              for b in batches]
+    everything = [len(e["input_ids"]) for e in examples]
+    assert sum(spread) / len(spread) < (max(everything) - min(everything)) / 2  # grouped, not random
+    ids, labels, mask = collate(examples, batches[0])
+    for row, j in enumerate(batches[0]):
+        n = len(examples[j]["input_ids"])
+        assert ids[row, :n].tolist() == examples[j]["input_ids"] and mask[row].sum() == n
+        assert labels[row, :n].tolist() == examples[j]["labels"] and (labels[row, n:] == -100).all()
+    assert word_tokenizer()("t5 t31999").input_ids == [5, 31999]
