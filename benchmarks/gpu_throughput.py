@@ -306,17 +306,6 @@ def flops_per_token(params, checkpointed_share):
     return 2 * params * (2 + checkpointed_share)
 
 
-def host_cpu() -> str:
-    """The CPU's model name as lscpu prints it (the first "model name" of /proc/cpuinfo), or "unknown"."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
 def main(argv=None):
     import torch
 
@@ -385,9 +374,10 @@ def main(argv=None):
         return
     os.environ.setdefault("NCCL_NVLS_ENABLE", "0")
     import naive_baseline as plain
+    from medpeft.precision import cpu_name
 
     # the command and the host's CPU travel with the figures: rates differ between hosts (docs/performance.md)
-    results = {"device": torch.cuda.get_device_name(0), "host_cpu": host_cpu(),
+    results = {"device": torch.cuda.get_device_name(0), "host_cpu": cpu_name(),
                "command": shlex.join(["python3", *sys.argv]), "versions": {}, "plain": {}, "ours": {}, "check": {}}
     import peft
     import transformers

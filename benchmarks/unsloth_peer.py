@@ -3,7 +3,9 @@ as benchmarks/gpu_throughput.py, in the same call as ours and the plain recipe (
 
 Unsloth pins trl <= 1.15 and datasets < 5, so it runs in a site folder of its own (benchmarks/unsloth_wheels.sh):
 
-    python3 -m pip install -q --no-index --no-deps --target /tmp/us .whl/*.whl .whl-unsloth/*.whl
+    python3 -m pip install -q --no-index --no-deps --target /tmp/us .whl/transformers*.whl .whl/tokenizers*.whl \
+        .whl/huggingface_hub*.whl .whl/peft*.whl .whl/bitsandbytes*.whl .whl/dill*.whl .whl/multiprocess*.whl \
+        .whl-unsloth/*.whl      # not all of .whl: its trl 1.16 and datasets 5 would shadow Unsloth's pins
     PYTHONPATH=/tmp/us python3 benchmarks/unsloth_peer.py --steps 20
 
 What it runs is Unsloth's documented recipe: FastLanguageModel.from_pretrained(load_in_4bit=True), get_peft_model
@@ -31,7 +33,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the GPU machine reaches no hub; 
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # its usage statistics download from the hub
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
+sys.path[:0] = [str(HERE.parent), str(HERE)]  # medpeft (its CPU name only) and gpu_throughput
 CK = "/tmp/mistral7b-random"
 
 
@@ -88,11 +90,12 @@ def main(argv=None):
     p.add_argument("--max_length", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
-    from gpu_throughput import host_cpu, synthetic_examples
+    from gpu_throughput import synthetic_examples
+    from medpeft.precision import cpu_name
 
     out = Path(os.environ.get("OUT") or HERE / "results") / "unsloth_peer.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    result = {"command": shlex.join(["python3", *sys.argv]), "host_cpu": host_cpu(), "stage": "import"}
+    result = {"command": shlex.join(["python3", *sys.argv]), "host_cpu": cpu_name(), "stage": "import"}
 
     def save():
         out.write_text(json.dumps(result, indent=1) + "\n")
