@@ -175,15 +175,13 @@ class TrainConfig:
                            ["auto", "on", "off"])
 
     fp8: str = opt("off", "the frozen base's linear layers multiply in FP8 (e4m3, a scale per row) while training: "
-                          "half their memory and the FP8 tensor cores' rate; an approximation, opt-in (one CUDA GPU of "
-                          "compute capability 8.9+, a bf16 base: not with --load_in_4bit; docs/performance.md)",
+                          "the FP8 tensor cores' rate, half the memory of a bf16 base (a 4-bit base stays 4-bit, its "
+                          "dequantized weights rounded for each product); an approximation, opt-in (one CUDA GPU of "
+                          "compute capability 8.9+; docs/performance.md)",
                    ["on", "off"])
 
     def validate(self) -> list[str]:
         problems = []
-        if self.fp8 == "on" and self.load_in_4bit:
-            problems.append("--fp8 on: the base is 4-bit NF4 (QLoRA), FP8 replaces a bf16 base's matmuls; add "
-                            "--no-load_in_4bit (LoRA on a bf16 base) or leave --fp8 off")
         if self.fp8 == "on" and (self.fsdp or self.num_gpus > 1):
             problems.append("--fp8 on: one process only (FSDP would shard the weights it converts; data parallel "
                             "was not tried with it); leave --fp8 off with --num_gpus or --fsdp")

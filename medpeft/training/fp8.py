@@ -11,6 +11,10 @@ the frozen weight. An approximation, unlike the other levers: each product is ro
 accumulating, so it is opt-in and the loss curve is checked against bf16 (benchmarks/gpu_throughput.py
 --check_set fp8=on). Undo puts the exact weights back (kept in host memory meanwhile), so evaluation and saving
 after training see the base as it was loaded.
+
+A 4-bit (NF4) base keeps its 4-bit weights: each call dequantizes them as bitsandbytes does, then rounds the result to
+e4m3 rows for the product (the GPU dequantizes a 4-bit weight before every bf16 matmul anyway; the FP8 copy is one
+layer's, for the moment of its product), and backward multiplies with the dequantized weight as bitsandbytes does.
 """
 
 from __future__ import annotations
@@ -36,15 +40,20 @@ def quantize_rows(t: torch.Tensor):
     return (t.float() / scale).clamp(-top, top).to(E4M3), scale
 
 
+def _scaled_product(x, weight, scale):
+    """x [..., in] times the e4m3 weight [out, in] with its row scales [out, 1]: a bf16 product cast to x's dtype."""
+    rows = x.reshape(-1, x.shape[-1])
+    q, x_scale = quantize_rows(rows)
+    y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=torch.bfloat16,
+                         use_fast_accum=True)
+    return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+
+
 class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, scale):  # x [..., in], weight [out, in] e4m3, scale [out, 1] float32
-        rows = x.reshape(-1, x.shape[-1])
-        q, x_scale = quantize_rows(rows)
-        y = torch._scaled_mm(q, weight.t(), scale_a=x_scale, scale_b=scale.t(), out_dtype=torch.bfloat16,
-                             use_fast_accum=True)
         ctx.save_for_backward(weight, scale)
-        return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
+        return _scaled_product(x, weight, scale)
 
     @staticmethod
     def backward(ctx, grad):
@@ -53,11 +62,46 @@ class _Fp8Matmul(torch.autograd.Function):
         return grad @ dense, None, None
 
 
+class _Nf4Fp8Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, packed, quant_state):  # packed: bitsandbytes' 4-bit weight, quant_state its shape and scales
+        import bitsandbytes.functional as bnbf
+
+        weight, scale = quantize_rows(bnbf.dequantize_4bit(packed, quant_state))
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(packed)  # the 4-bit weight only: the FP8 copy lives for this product
+        return _scaled_product(x, weight, scale)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import bitsandbytes.functional as bnbf
+
+        (packed,) = ctx.saved_tensors
+        return grad @ bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype), None, None
+
+
 class Fp8Linear(nn.Linear):
     """A frozen nn.Linear whose weight is e4m3 (`weight`, same shape) with a scale per output row (`fp8_scale`)."""
 
     def forward(self, x):
         y = _Fp8Matmul.apply(x, self.weight, self.fp8_scale)
+        return y if self.bias is None else y + self.bias.to(y.dtype)
+
+
+def _linear4bit():
+    try:
+        from bitsandbytes.nn import Linear4bit
+    except ImportError:  # no bitsandbytes, no 4-bit layers
+        return None
+    return Linear4bit
+
+
+class Fp8Linear4bit(nn.Module):  # the bases are set at conversion: bitsandbytes is imported only where it is used
+    """A frozen bitsandbytes Linear4bit whose product runs in FP8 from its dequantized weight (its 4-bit weight kept)."""
+
+    def forward(self, x):
+        state = self.weight.quant_state
+        y = _Nf4Fp8Matmul.apply(x.to(state.dtype), self.weight, state).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -78,25 +122,41 @@ def eligible(module) -> bool:
             and w.shape[0] % ALIGN == 0 and w.shape[1] % ALIGN == 0)
 
 
+def eligible_4bit(module) -> bool:
+    """A frozen bitsandbytes Linear4bit (NF4 or FP4; not a subclass, whose forward may differ) with its quantization
+    state in place and dimensions FP8's kernels take."""
+    four = _linear4bit()
+    state = getattr(getattr(module, "weight", None), "quant_state", None)
+    return (four is not None and type(module) is four and state is not None and not module.weight.requires_grad
+            and state.shape[0] % ALIGN == 0 and state.shape[1] % ALIGN == 0)
+
+
 _CLASSES = {nn.Linear: Fp8Linear}
 
 
 def fp8_class(cls):
     """cls with Fp8Linear where it has nn.Linear among its bases: its forward's super().forward() reaches ours."""
     if cls not in _CLASSES:
-        bases = tuple(Fp8Linear if b is nn.Linear else b for b in cls.__bases__)
-        _CLASSES[cls] = type(f"Fp8{cls.__name__}", bases, {})
+        if cls is _linear4bit():
+            _CLASSES[cls] = type("Fp8Linear4bit", (Fp8Linear4bit, cls), {})
+        else:
+            bases = tuple(Fp8Linear if b is nn.Linear else b for b in cls.__bases__)
+            _CLASSES[cls] = type(f"Fp8{cls.__name__}", bases, {})
     return _CLASSES[cls]
 
 
 def to_fp8(model, layers=None):
-    """Every frozen nn.Linear inside the decoder layers (q/k/v/o, gate/up/down; LoRA's base layers) multiplies in
-    FP8; trainable linear layers (LoRA's A and B, adapters' projections) and those of other kinds (4-bit ones) are
-    left alone. `layers`: where to look (default: the decoder layers). Returns (how many were converted, what undoes
-    it)."""
+    """Every frozen nn.Linear or 4-bit Linear4bit inside the decoder layers (q/k/v/o, gate/up/down; LoRA's base
+    layers) multiplies in FP8; trainable linear layers (LoRA's A and B, adapters' projections) and those of other
+    kinds are left alone. `layers`: where to look (default: the decoder layers). Returns (how many were converted,
+    what undoes it)."""
     converted = []
     for layer in (layers or decoder_layers)(model):
         for module in layer.modules():
+            if eligible_4bit(module):  # nothing stored: its product dequantizes, then rounds to e4m3 (above)
+                converted.append((module, type(module), None))
+                module.__class__ = fp8_class(type(module))
+                continue
             if not eligible(module):
                 continue
             exact = module.weight.data
@@ -109,8 +169,9 @@ def to_fp8(model, layers=None):
     def undo():  # holds both copies for a moment: a training run reads its peak memory before this
         for module, cls, exact in converted:
             module.__class__ = cls
-            module.weight.data = exact.to(module.weight.device)
-            del module.fp8_scale
+            if exact is not None:
+                module.weight.data = exact.to(module.weight.device)
+                del module.fp8_scale
         converted.clear()
 
     return len(converted), undo
@@ -141,4 +202,4 @@ def plan(model, cfg, device: str, speed: dict, undo, log=print) -> None:
     speed["fp8_layers"], unconvert = to_fp8(model)
     undo.callback(unconvert)
     if not speed["fp8_layers"]:
-        log("--fp8 on: no frozen linear layer of a bf16 base in the decoder layers; training in the working precision")
+        log("--fp8 on: no frozen linear layer in the decoder layers; training in the working precision")
