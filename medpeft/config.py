@@ -177,15 +177,14 @@ class TrainConfig:
     fp8: str = opt("off", "the frozen base's linear layers multiply in FP8 (e4m3, a scale per row) while training: "
                           "the FP8 tensor cores' rate, half the memory of a bf16 base (a 4-bit base stays 4-bit, its "
                           "dequantized weights rounded for each product); an approximation, opt-in (one CUDA GPU of "
-                          "compute capability 8.9+; docs/performance.md); full: backward's product with the frozen "
-                          "weights in FP8 too",
-                   ["on", "full", "off"])
+                          "compute capability 8.9+; docs/performance.md)",
+                   ["on", "off"])
 
     def validate(self) -> list[str]:
         problems = []
-        if self.fp8 != "off" and (self.fsdp or self.num_gpus > 1):
-            problems.append(f"--fp8 {self.fp8}: one process only (FSDP would shard the weights it converts; data "
-                            "parallel was not tried with it); leave --fp8 off with --num_gpus or --fsdp")
+        if self.fp8 == "on" and (self.fsdp or self.num_gpus > 1):
+            problems.append("--fp8 on: one process only (FSDP would shard the weights it converts; data parallel "
+                            "was not tried with it); leave --fp8 off with --num_gpus or --fsdp")
         if self.checkpoint_share != "auto" and not 0 <= self.checkpoint_share <= 1:
             problems.append(f"--checkpoint_share must be in [0, 1], got {self.checkpoint_share}")
         reporters = [r.strip() for r in self.report_to.split(",") if r.strip()]

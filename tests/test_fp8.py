@@ -47,32 +47,6 @@ def test_an_fp8_layer_computes_the_product_and_the_inputs_gradient_to_e4m3_round
     assert type(dense) is nn.Linear and torch.equal(dense.weight, exact) and not hasattr(dense, "fp8_scale")
 
 
-@pytest.mark.parametrize("four_bit", [False, True])
-def test_fp8_full_rounds_the_inputs_gradient_too(four_bit):
-    """--fp8 full: backward's product with the frozen weight in e4m3 as well, the gradient rounded per token."""
-    torch.manual_seed(0)
-    dense = nn.Linear(64, 48, bias=False)
-    if four_bit:
-        from bitsandbytes.nn import Linear4bit
-
-        four = Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
-        four.load_state_dict(dense.state_dict())
-        dense = four.to("cpu")
-    dense.requires_grad_(False)
-    x = torch.randn(3, 7, 64, requires_grad=True)
-    grad = torch.randn(3, 7, 48)
-    grads = {}
-    for mode in ("off", "on", "full"):
-        undo = fp8.to_fp8(nn.ModuleList([dense]), layers=lambda m: list(m), full=mode == "full")[1] \
-            if mode != "off" else (lambda: None)
-        (dense(x) * grad).sum().backward()
-        grads[mode], x.grad = x.grad.clone(), None
-        undo()
-    assert torch.equal(grads["on"], grads["off"]) if four_bit else rel(grads["on"], grads["off"]) < 0.05
-    assert 0 < rel(grads["full"], grads["off"]) < 0.05, rel(grads["full"], grads["off"])  # rounded, as e4m3 rounds
-    assert not torch.equal(grads["full"], grads["on"])
-
-
 def test_a_4bit_layer_keeps_its_4bit_weight_and_multiplies_to_e4m3_rounding_of_its_dequantized_weight():
     from bitsandbytes.nn import Linear4bit
 
@@ -148,9 +122,6 @@ CASES = {
     "lora-bf16-base": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0), dict(load_in_4bit=False)),
     # QLoRA: the 4-bit weights stay; each product dequantizes them, then rounds to e4m3
     "qlora-nf4": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0), dict()),
-    "qlora-nf4-full": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0), dict(fp8="full")),
-    "lora-bf16-base-full": ("qlora", dict(lora_r=4, lora_alpha=8, lora_dropout=0.0),
-                            dict(load_in_4bit=False, fp8="full")),
     # AdapterHub wraps q/k/v/o in its own LoRA class: those must be converted too (14, not 8)
     "adapter": ("adapter", dict(adapter_size=16), dict()),
     "ptuning": ("ptuning", dict(num_virtual_tokens=4), dict()),
@@ -161,10 +132,9 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_training_with_fp8_follows_the_working_precision(case, emulated, tiny_model, processed, tmp_path):
     method, options, overrides = CASES[case]
-    exact_overrides = {k: v for k, v in overrides.items() if k != "fp8"}
-    _, exact = fit(tiny_model, processed, tmp_path / "exact", method, options, exact_overrides)
+    _, exact = fit(tiny_model, processed, tmp_path / "exact", method, options, overrides)
     assert "fp8_layers" not in exact["speed_settings"]  # off by default
-    run, rounded = fit(tiny_model, processed, tmp_path / "fp8", method, options, {"fp8": "on", **overrides})
+    run, rounded = fit(tiny_model, processed, tmp_path / "fp8", method, options, dict(overrides, fp8="on"))
     assert rounded["speed_settings"]["fp8_layers"] == 2 * 7
     a = [p["loss"] for p in exact["loss_curve"]]
     b = [p["loss"] for p in rounded["loss_curve"]]
@@ -177,7 +147,7 @@ def test_training_with_fp8_follows_the_working_precision(case, emulated, tiny_mo
     assert rounded["validation_loss_final"] == pytest.approx(exact["validation_loss_final"], rel=0.02)
 
 
-@pytest.mark.parametrize("case", ["lora-bf16-base", "qlora-nf4", "qlora-nf4-full"])
+@pytest.mark.parametrize("case", ["lora-bf16-base", "qlora-nf4"])
 def test_fp8_through_compiled_layers_follows_the_working_precision(case, emulated, tiny_model, processed, tmp_path,
                                                                    monkeypatch):
     """Compiled layers trace the FP8 matmul (the GPU's default path). Not compared to eager FP8 at bf16's tolerance:
@@ -187,12 +157,11 @@ def test_fp8_through_compiled_layers_follows_the_working_precision(case, emulate
 
     monkeypatch.setattr(speedups, "COMPILE_BACKEND", "aot_eager")
     method, options, overrides = CASES[case]
-    _, exact = fit(tiny_model, processed, tmp_path / "exact", method, options,
-                   {k: v for k, v in overrides.items() if k != "fp8"})
+    _, exact = fit(tiny_model, processed, tmp_path / "exact", method, options, overrides)
     torch._dynamo.reset()
     counters.clear()
     run, compiled = fit(tiny_model, processed, tmp_path / "compiled", method, options,
-                        {"fp8": "on", **overrides, "compile": "on"})
+                        dict(overrides, fp8="on", compile="on"))
     assert compiled["speed_settings"]["compiled_layers"] == 2 and compiled["speed_settings"]["fp8_layers"] == 14
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]  # FP8 inside the graphs
     a = [p["loss"] for p in exact["loss_curve"]]

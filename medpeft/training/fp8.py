@@ -12,10 +12,6 @@ accumulating, so it is opt-in and the loss curve is checked against bf16 (benchm
 --check_set fp8=on). Undo puts the exact weights back (kept in host memory meanwhile), so evaluation and saving
 after training see the base as it was loaded.
 
-`--fp8 full` also rounds backward's product: the input's gradient is grad @ W = (grad * row scales) @ W_e4m3, that
-scaled gradient rounded to e4m3 per token (the split accumulator, not the fast one, for the sum), so the frozen base's
-three products a step (forward, recomputation, backward) all run on the FP8 tensor cores.
-
 A 4-bit (NF4) base keeps its 4-bit weights: each call dequantizes them as bitsandbytes does, then rounds the result to
 e4m3 rows for the product (the GPU dequantizes a 4-bit weight before every bf16 matmul anyway; the FP8 copy is one
 layer's, for the moment of its product), and backward multiplies with the dequantized weight as bitsandbytes does.
@@ -53,41 +49,26 @@ def _scaled_product(x, weight, scale):
     return y.to(x.dtype).reshape(*x.shape[:-1], weight.shape[0])
 
 
-def _scaled_input_grad(grad, weight, scale):
-    """--fp8 full: grad [..., out] times the e4m3 weight [out, in] with its row scales, as (grad * scale^T) @ weight:
-    the row scales move onto the gradient, which is rounded to e4m3 per token; a bf16 product in grad's dtype."""
-    rows = grad.reshape(-1, grad.shape[-1]).float() * scale.t()
-    q, g_scale = quantize_rows(rows)
-    ones = torch.ones(1, weight.shape[1], dtype=torch.float32, device=weight.device)
-    # _scaled_mm takes its second operand column-major: the weight's transpose, copied (one byte an element)
-    y = torch._scaled_mm(q, weight.t().contiguous().t(), scale_a=g_scale, scale_b=ones, out_dtype=torch.bfloat16,
-                         use_fast_accum=False)
-    return y.to(grad.dtype).reshape(*grad.shape[:-1], weight.shape[1])
-
-
 class _Fp8Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, scale, full):  # x [..., in], weight [out, in] e4m3, scale [out, 1] float32
+    def forward(ctx, x, weight, scale):  # x [..., in], weight [out, in] e4m3, scale [out, 1] float32
         ctx.save_for_backward(weight, scale)
-        ctx.full = full
         return _scaled_product(x, weight, scale)
 
     @staticmethod
     def backward(ctx, grad):
         weight, scale = ctx.saved_tensors
-        if ctx.full:
-            return _scaled_input_grad(grad, weight, scale), None, None, None
         dense = (weight.to(torch.float32) * scale).to(grad.dtype)
-        return grad @ dense, None, None, None
+        return grad @ dense, None, None
 
 
 class _Nf4Fp8Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, packed, quant_state, full):  # packed: bitsandbytes' 4-bit weight, quant_state its scales
+    def forward(ctx, x, packed, quant_state):  # packed: bitsandbytes' 4-bit weight, quant_state its shape and scales
         import bitsandbytes.functional as bnbf
 
         weight, scale = quantize_rows(bnbf.dequantize_4bit(packed, quant_state))
-        ctx.quant_state, ctx.full = quant_state, full
+        ctx.quant_state = quant_state
         ctx.save_for_backward(packed)  # the 4-bit weight only: the FP8 copy lives for this product
         return _scaled_product(x, weight, scale)
 
@@ -96,17 +77,14 @@ class _Nf4Fp8Matmul(torch.autograd.Function):
         import bitsandbytes.functional as bnbf
 
         (packed,) = ctx.saved_tensors
-        dense = bnbf.dequantize_4bit(packed, ctx.quant_state)
-        if ctx.full:
-            return _scaled_input_grad(grad, *quantize_rows(dense)), None, None, None
-        return grad @ dense.to(grad.dtype), None, None, None
+        return grad @ bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype), None, None
 
 
 class Fp8Linear(nn.Linear):
     """A frozen nn.Linear whose weight is e4m3 (`weight`, same shape) with a scale per output row (`fp8_scale`)."""
 
     def forward(self, x):
-        y = _Fp8Matmul.apply(x, self.weight, self.fp8_scale, self.fp8_full)
+        y = _Fp8Matmul.apply(x, self.weight, self.fp8_scale)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -123,7 +101,7 @@ class Fp8Linear4bit(nn.Module):  # the bases are set at conversion: bitsandbytes
 
     def forward(self, x):
         state = self.weight.quant_state
-        y = _Nf4Fp8Matmul.apply(x.to(state.dtype), self.weight, state, self.fp8_full).to(x.dtype)
+        y = _Nf4Fp8Matmul.apply(x.to(state.dtype), self.weight, state).to(x.dtype)
         return y if self.bias is None else y + self.bias.to(y.dtype)
 
 
@@ -167,17 +145,17 @@ def fp8_class(cls):
     return _CLASSES[cls]
 
 
-def to_fp8(model, layers=None, full: bool = False):
+def to_fp8(model, layers=None):
     """Every frozen nn.Linear or 4-bit Linear4bit inside the decoder layers (q/k/v/o, gate/up/down; LoRA's base
     layers) multiplies in FP8; trainable linear layers (LoRA's A and B, adapters' projections) and those of other
-    kinds are left alone. `layers`: where to look (default: the decoder layers); `full`: backward's product in FP8
-    too (--fp8 full). Returns (how many were converted, what undoes it)."""
+    kinds are left alone. `layers`: where to look (default: the decoder layers). Returns (how many were converted,
+    what undoes it)."""
     converted = []
     for layer in (layers or decoder_layers)(model):
         for module in layer.modules():
             if eligible_4bit(module):  # nothing stored: its product dequantizes, then rounds to e4m3 (above)
                 converted.append((module, type(module), None))
-                module.__class__, module.fp8_full = fp8_class(type(module)), full
+                module.__class__ = fp8_class(type(module))
                 continue
             if not eligible(module):
                 continue
@@ -186,12 +164,11 @@ def to_fp8(model, layers=None, full: bool = False):
             converted.append((module, type(module), exact.to("cpu")))
             module.weight.data = q
             module.register_buffer("fp8_scale", scale, persistent=False)
-            module.__class__, module.fp8_full = fp8_class(type(module)), full
+            module.__class__ = fp8_class(type(module))
 
     def undo():  # holds both copies for a moment: a training run reads its peak memory before this
         for module, cls, exact in converted:
             module.__class__ = cls
-            del module.fp8_full
             if exact is not None:
                 module.weight.data = exact.to(module.weight.device)
                 del module.fp8_scale
@@ -215,14 +192,14 @@ def refusal(device: str) -> str | None:
 
 
 def plan(model, cfg, device: str, speed: dict, undo, log=print) -> None:
-    """--fp8 in a training run: with `on` or `full`, refused here (UsageError) or the layers converted, their count
-    into `speed`, the undo onto `undo` (an ExitStack)."""
-    if cfg.fp8 == "off":
+    """--fp8 in a training run: with `on`, refused here (UsageError) or the layers converted, their count into
+    `speed`, the undo onto `undo` (an ExitStack)."""
+    if cfg.fp8 != "on":
         return
     why = refusal(device)
     if why:
-        raise UsageError(f"--fp8 {cfg.fp8}: {why}")
-    speed["fp8_layers"], unconvert = to_fp8(model, full=cfg.fp8 == "full")
+        raise UsageError(f"--fp8 on: {why}")
+    speed["fp8_layers"], unconvert = to_fp8(model)
     undo.callback(unconvert)
     if not speed["fp8_layers"]:
-        log(f"--fp8 {cfg.fp8}: no frozen linear layer in the decoder layers; training in the working precision")
+        log("--fp8 on: no frozen linear layer in the decoder layers; training in the working precision")
