@@ -25,24 +25,29 @@ def rel(a, b):
     return float((a - b).norm() / b.norm())
 
 
+def product_and_input_grad(layer, x, grad=None):
+    """layer(x), the gradient it sends to x (against `grad`, random where not given), and that `grad`."""
+    y = layer(x)
+    grad = torch.randn_like(y) if grad is None else grad
+    (y * grad).sum().backward()
+    x_grad, x.grad = x.grad.clone(), None
+    return y, x_grad, grad
+
+
 def test_an_fp8_layer_computes_the_product_and_the_inputs_gradient_to_e4m3_rounding():
     torch.manual_seed(0)
     dense = nn.Linear(64, 48, bias=True).requires_grad_(False)
     exact = dense.weight.clone()
     x = torch.randn(3, 7, 64, requires_grad=True)
-    want = dense(x)
-    grad = torch.randn_like(want)
-    (want * grad).sum().backward()
-    want_grad, x.grad = x.grad.clone(), None
+    want, want_grad, grad = product_and_input_grad(dense, x)
 
     n, undo = fp8.to_fp8(nn.ModuleList([dense]), layers=lambda m: list(m))
     assert n == 1 and dense.weight.dtype == fp8.E4M3  # half of bf16's bytes, the shape kept
     assert dense.weight.shape == exact.shape
-    got = dense(x)
-    (got * grad).sum().backward()
+    got, got_grad, _ = product_and_input_grad(dense, x, grad)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert 0 < rel(got, want) < 0.05, rel(got, want)  # rounded, and only as much as e4m3 rounds
-    assert 0 < rel(x.grad, want_grad) < 0.05, rel(x.grad, want_grad)
+    assert 0 < rel(got_grad, want_grad) < 0.05, rel(got_grad, want_grad)
     undo()
     assert type(dense) is nn.Linear and torch.equal(dense.weight, exact) and not hasattr(dense, "fp8_scale")
 
@@ -56,19 +61,15 @@ def test_a_4bit_layer_keeps_its_4bit_weight_and_multiplies_to_e4m3_rounding_of_i
     four = four.to("cpu").requires_grad_(False)  # bitsandbytes quantizes on the move to a device
     packed = four.weight.data.clone()
     x = torch.randn(3, 7, 64, requires_grad=True)
-    want = four(x)
-    grad = torch.randn_like(want)
-    (want * grad).sum().backward()
-    want_grad, x.grad = x.grad.clone(), None
+    want, want_grad, grad = product_and_input_grad(four, x)
 
     n, undo = fp8.to_fp8(nn.ModuleList([four]), layers=lambda m: list(m))
     assert n == 1 and isinstance(four, fp8.Fp8Linear4bit)
     assert torch.equal(four.weight.data, packed)  # still 4-bit: nothing converted, nothing kept aside
-    got = four(x)
-    (got * grad).sum().backward()
+    got, got_grad, _ = product_and_input_grad(four, x, grad)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert 0 < rel(got, want) < 0.05, rel(got, want)  # bitsandbytes' own product, rounded as e4m3 rounds
-    assert torch.allclose(x.grad, want_grad, rtol=1e-5, atol=1e-6)  # backward: its dequantized weight, unrounded
+    assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)  # backward: its dequantized weight, unrounded
     undo()
     assert type(four) is Linear4bit and torch.equal(four.weight.data, packed)
     assert torch.equal(four(x), want)

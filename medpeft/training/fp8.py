@@ -135,7 +135,8 @@ _CLASSES = {nn.Linear: Fp8Linear}
 
 
 def fp8_class(cls):
-    """cls with Fp8Linear where it has nn.Linear among its bases: its forward's super().forward() reaches ours."""
+    """cls with Fp8Linear where it has nn.Linear among its bases (its forward's super().forward() reaches ours), or
+    bitsandbytes' Linear4bit under Fp8Linear4bit (whose forward replaces its own)."""
     if cls not in _CLASSES:
         if cls is _linear4bit():
             _CLASSES[cls] = type("Fp8Linear4bit", (Fp8Linear4bit, cls), {})
