@@ -155,16 +155,15 @@ def to_fp8(model, layers=None):
     for layer in (layers or decoder_layers)(model):
         for module in layer.modules():
             if eligible_4bit(module):  # nothing stored: its product dequantizes, then rounds to e4m3 (above)
-                converted.append((module, type(module), None))
-                module.__class__ = fp8_class(type(module))
+                exact = None
+            elif eligible(module):
+                exact = module.weight.data
+                module.weight.data, scale = quantize_rows(exact)
+                module.register_buffer("fp8_scale", scale, persistent=False)
+                exact = exact.to("cpu")
+            else:
                 continue
-            if not eligible(module):
-                continue
-            exact = module.weight.data
-            q, scale = quantize_rows(exact)
-            converted.append((module, type(module), exact.to("cpu")))
-            module.weight.data = q
-            module.register_buffer("fp8_scale", scale, persistent=False)
+            converted.append((module, type(module), exact))
             module.__class__ = fp8_class(type(module))
 
     def undo():  # holds both copies for a moment: a training run reads its peak memory before this
