@@ -46,7 +46,9 @@ def _scales(state, transpose: bool):
     blocks = _absmax(state).view(out_f, in_f // state.blocksize)
     top = state.code.float().abs().max()  # NF4's code: 16 values in [-1, 1]
     bound = blocks.amax(0)[:, None].expand(-1, state.blocksize).reshape(-1) if transpose else blocks.amax(1)
-    return (bound * top).clamp(min=1e-12) / TOP
+    # 448.0 written out, not TOP: dynamo fails on a module-level float shared by two traced autograd.Functions
+    # ("lift_tracked_freevar_to_input ... root SubgraphTracer", seen on an H100; the note in fp8.quantize_rows)
+    return (bound * top).clamp(min=1e-12) / 448.0
 
 
 def rows(packed, state):
@@ -90,46 +92,29 @@ def _(packed, absmax, code, inv_scale, n_out, n_in, blocksize, transpose):
     return packed.new_empty((n_in, n_out) if transpose else (n_out, n_in), dtype=E4M3)
 
 
-ROWS, COLS = 32, 128  # a program's tile of the weight: 4,096 elements, 2 KB of packed bytes
+SPLIT = 1024  # rows layout: a program's run of packed bytes (2,048 elements)
+TILE = 64  # columns layout: a program's tile of the weight, TILE x TILE elements
 
 
 def launch(kernel, packed, absmax, code, inv_scale, out, n_out, n_in, blocksize, transpose):
     """Run the kernel into `out` (e4m3 on the GPU; float32 in the tests, under Triton's CPU interpreter, whose own
     e4m3 cast rounds differently from the GPU's)."""
-    grid = ((n_out + ROWS - 1) // ROWS, (n_in + COLS - 1) // COLS)
-    kernel[grid](packed, absmax, code, inv_scale, out, n_out, n_in, BLOCKSIZE=blocksize, BR=ROWS, BC=COLS,
-                 TRANSPOSE=transpose, TOP=TOP)
+    rows_kernel, columns_kernel = kernel
+    if transpose:
+        grid = ((n_out + TILE - 1) // TILE, (n_in + TILE - 1) // TILE)
+        columns_kernel[grid](packed, absmax, code, inv_scale, out, n_out, n_in, BLOCKSIZE=blocksize, T=TILE)
+    else:
+        grid = ((n_out * n_in // 2 + SPLIT - 1) // SPLIT,)
+        rows_kernel[grid](packed, absmax, code, inv_scale, out, n_out * n_in // 2, n_in // 2, BLOCKSIZE=blocksize,
+                          SPLIT=SPLIT)
 
 
 @functools.cache
 def _kernel():
-    """The Triton kernel, built on first use (None without Triton): Triton is imported only where it runs."""
+    """The Triton kernels (rows, columns), built on first use (None without Triton): Triton is imported only where it
+    runs."""
     try:
-        import triton
-        import triton.language as tl
+        from . import fp8_nf4_kernels
     except ImportError:
         return None
-
-    @triton.jit
-    def nf4_to_e4m3_kernel(packed, absmax, code, inv_scale, out, n_out, n_in, BLOCKSIZE: tl.constexpr,
-                           BR: tl.constexpr, BC: tl.constexpr, TRANSPOSE: tl.constexpr, TOP: tl.constexpr):
-        r = tl.program_id(0) * BR + tl.arange(0, BR)  # the weight's rows (outputs) of this tile
-        b = tl.program_id(1) * (BC // 2) + tl.arange(0, BC // 2)  # its packed bytes along the row: two elements each
-        inside = (r[:, None] < n_out) & (b[None, :] < n_in // 2)
-        byte = tl.load(packed + r[:, None] * (n_in // 2) + b[None, :], mask=inside, other=0)
-        scale = tl.load(absmax + (r[:, None] * n_in + 2 * b[None, :]) // BLOCKSIZE, mask=inside, other=0.0)
-        high = tl.load(code + (byte >> 4).to(tl.int32)) * scale
-        low = tl.load(code + (byte & 0xF).to(tl.int32)) * scale
-        w = tl.reshape(tl.join(high, low), (BR, BC))  # element 2i is byte i's high nibble, 2i+1 its low one
-        c = tl.program_id(1) * BC + tl.arange(0, BC)
-        keep = (r[:, None] < n_out) & (c[None, :] < n_in)
-        if TRANSPOSE:
-            w = w * tl.load(inv_scale + c, mask=c < n_in, other=0.0)[None, :]
-            w = tl.clamp(w, -TOP, TOP).to(out.dtype.element_ty)
-            tl.store(out + c[:, None] * n_out + r[None, :], tl.trans(w), mask=tl.trans(keep))
-        else:
-            w = w * tl.load(inv_scale + r, mask=r < n_out, other=0.0)[:, None]
-            w = tl.clamp(w, -TOP, TOP).to(out.dtype.element_ty)
-            tl.store(out + r[:, None] * n_in + c[None, :], w, mask=keep)
-
-    return nf4_to_e4m3_kernel
+    return fp8_nf4_kernels.rows_kernel, fp8_nf4_kernels.columns_kernel
