@@ -9,7 +9,7 @@ from torch import nn
 
 from medpeft import methods
 from medpeft.config import TrainConfig
-from medpeft.training import build, fp8, fp8_nf4, speedups
+from medpeft.training import build, fp8, speedups
 from medpeft.training.speedups import decoder_layers
 from test_graphs import lora_model  # a 7-projection LoRA'd Mistral of a few layers, checkpointed
 
@@ -52,23 +52,15 @@ def test_an_fp8_layer_computes_the_product_and_the_inputs_gradient_to_e4m3_round
     assert type(dense) is nn.Linear and torch.equal(dense.weight, exact) and not hasattr(dense, "fp8_scale")
 
 
-def linear4bit(n_in, n_out, nested=False):
-    from bitsandbytes.nn import Linear4bit
-
-    four = Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                      compress_statistics=nested)
-    four.load_state_dict(nn.Linear(n_in, n_out, bias=False).state_dict())
-    return four.to("cpu").requires_grad_(False)  # bitsandbytes quantizes on the move to a device
-
-
-@pytest.mark.parametrize("n_in", [64, 80])  # 80: rows of no whole 64-blocks, so bitsandbytes' dequantization route
-def test_a_4bit_layer_keeps_its_4bit_weight_and_multiplies_to_e4m3_rounding_of_its_dequantized_weight(n_in):
+def test_a_4bit_layer_keeps_its_4bit_weight_and_multiplies_to_e4m3_rounding_of_its_dequantized_weight():
     from bitsandbytes.nn import Linear4bit
 
     torch.manual_seed(0)
-    four = linear4bit(n_in, 48)
+    four = Linear4bit(64, 48, bias=False, compute_dtype=torch.float32, quant_type="nf4")
+    four.load_state_dict(nn.Linear(64, 48, bias=False).state_dict())
+    four = four.to("cpu").requires_grad_(False)  # bitsandbytes quantizes on the move to a device
     packed = four.weight.data.clone()
-    x = torch.randn(3, 7, n_in, requires_grad=True)
+    x = torch.randn(3, 7, 64, requires_grad=True)
     want, want_grad, grad = product_and_input_grad(four, x)
 
     n, undo = fp8.to_fp8(nn.ModuleList([four]), layers=lambda m: list(m))
@@ -77,75 +69,10 @@ def test_a_4bit_layer_keeps_its_4bit_weight_and_multiplies_to_e4m3_rounding_of_i
     got, got_grad, _ = product_and_input_grad(four, x, grad)
     assert got.shape == want.shape and got.dtype == want.dtype
     assert 0 < rel(got, want) < 0.05, rel(got, want)  # bitsandbytes' own product, rounded as e4m3 rounds
-    if n_in == 64:  # backward in FP8 too: the gradient and the weight rounded
-        assert 0 < rel(got_grad, want_grad) < 0.05, rel(got_grad, want_grad)
-    else:  # backward: the dequantized weight, unrounded
-        assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(got_grad, want_grad, rtol=1e-5, atol=1e-6)  # backward: its dequantized weight, unrounded
     undo()
     assert type(four) is Linear4bit and torch.equal(four.weight.data, packed)
     assert torch.equal(four(x), want)
-
-
-@pytest.mark.parametrize("nested", [False, True])
-def test_a_4bit_weight_goes_to_e4m3_rows_and_columns_as_rounding_its_dequantized_weight_would(nested):
-    import bitsandbytes.functional as bnbf
-
-    torch.manual_seed(0)
-    four = linear4bit(192, 48, nested)
-    state = four.weight.quant_state
-    dense = bnbf.dequantize_4bit(four.weight.data, state).float()
-    q, scale = fp8_nf4.rows(four.weight.data, state)
-    assert q.dtype == fp8.E4M3 and q.shape == (48, 192) and scale.shape == (48, 1)
-    # the scales come from the block scales alone, yet are the rows' largest values: NF4 puts +-1 in every block
-    assert torch.allclose(scale[:, 0] * 448, dense.abs().amax(1), rtol=1e-6)
-    want, want_scale = fp8.quantize_rows(dense)
-    assert torch.equal(scale, want_scale)
-    # x * (1 / scale) here, x / scale there: a last-bit difference may tip an element across a rounding midpoint
-    assert (q.float() != want.float()).float().mean() < 1e-3
-    assert rel(q.float() * scale, dense) < 0.04
-
-    qt, col_scale = fp8_nf4.columns(four.weight.data, state)
-    assert qt.shape == (192, 48) and qt.is_contiguous() and col_scale.shape == (1, 192)
-    assert (col_scale[0] * 448 >= dense.abs().amax(0) * (1 - 1e-6)).all()  # a bound: nothing past e4m3's range
-    assert rel(qt.float().t() * col_scale, dense) < 0.04
-
-
-def test_the_one_pass_kernel_computes_what_its_torch_twin_does(tmp_path):
-    """The Triton kernel under Triton's CPU interpreter, in its own process (the interpreter is chosen at import),
-    against fp8_nf4.reference, element for element in float32: unpacking, block scales, row or column scales, the
-    transposed store and the tile edges (shapes that are no multiple of the tile). The interpreter's own e4m3 cast
-    rounds unlike a GPU's, so the cast itself is checked on the GPU (benchmarks/gpu_throughput.py's kernel check)."""
-    pytest.importorskip("triton")  # installed by make test (Makefile); a GPU machine has it with torch
-    script = tmp_path / "kernel.py"
-    script.write_text("""
-import torch
-from bitsandbytes.nn import Linear4bit
-from torch import nn
-from medpeft.training import fp8_nf4 as k
-torch.manual_seed(0)
-for n_out, n_in, nested in [(48, 192, False), (96, 256, True), (16, 64, False)]:
-    four = Linear4bit(n_in, n_out, bias=False, compute_dtype=torch.float32, quant_type="nf4",
-                      compress_statistics=nested)
-    four.load_state_dict(nn.Linear(n_in, n_out, bias=False).state_dict())
-    state = four.to("cpu").weight.quant_state
-    packed = four.weight.data.view(torch.uint8).reshape(-1)
-    for transpose in (False, True):
-        args = (packed, k._absmax(state), state.code.float(), 1 / k._scales(state, transpose), n_out, n_in, 64,
-                transpose)
-        out = torch.full((n_in, n_out) if transpose else (n_out, n_in), float("nan"))
-        k.launch(k._kernel(), *args[:4], out, *args[4:])
-        want = k.reference(*args, dtype=torch.float32)
-        assert torch.equal(out, want), (n_out, n_in, transpose, (out - want).abs().max())
-        print("same", n_out, n_in, transpose)
-""")
-    import os
-    import subprocess
-    import sys
-
-    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TRITON_INTERPRET": "1"})
-    assert done.returncode == 0, done.stderr[-3000:]
-    assert done.stdout.count("same") == 6
 
 
 def test_quantized_rows_keep_each_rows_largest_value_and_zero_rows():

@@ -19,18 +19,11 @@ layer's, for the moment of its product), and backward multiplies with the dequan
 
 from __future__ import annotations
 
-import os
-
 import torch
 from torch import nn
 
 from ..errors import UsageError
-from . import fp8_nf4
 from .speedups import decoder_layers
-
-# A trial switch for the GPU benchmark's A/B (benchmarks/gpu_throughput.py, in one call): `fused` (the default),
-# `fused_forward` (backward bitsandbytes' bf16 product) or `dequantize` (both as before the one-pass kernel)
-NF4_ROUTE = os.environ.get("MEDPEFT_FP8_NF4", "fused")
 
 E4M3 = torch.float8_e4m3fn
 ALIGN = 16  # the FP8 matmul kernels want both dimensions of the weight in multiples of 16
@@ -69,34 +62,21 @@ class _Fp8Matmul(torch.autograd.Function):
         return grad @ dense, None, None
 
 
-def _input_grad(grad, weight_t, scale):
-    """grad [..., out] times the weight, from its e4m3 transpose [in, out] with a scale per input column [1, in]: the
-    gradient rounded to e4m3 per token, the sum in the split accumulator (gradients sum over up to 14,336 products;
-    torchao keeps fast accumulation for forward only, as here)."""
-    q, g_scale = quantize_rows(grad.reshape(-1, grad.shape[-1]))
-    y = torch._scaled_mm(q, weight_t.t(), scale_a=g_scale, scale_b=scale, out_dtype=torch.bfloat16,
-                         use_fast_accum=False)
-    return y.to(grad.dtype).reshape(*grad.shape[:-1], weight_t.shape[0])
-
-
 class _Nf4Fp8Matmul(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, packed, quant_state):  # packed: bitsandbytes' 4-bit weight, quant_state its shape and scales
-        ctx.quant_state, ctx.fused = quant_state, fp8_nf4.fused(quant_state) and NF4_ROUTE != "dequantize"
-        ctx.save_for_backward(packed)  # the 4-bit weight only: each FP8 copy lives for its product
-        if ctx.fused:
-            return _scaled_product(x, *fp8_nf4.rows(packed, quant_state))
         import bitsandbytes.functional as bnbf
 
-        return _scaled_product(x, *quantize_rows(bnbf.dequantize_4bit(packed, quant_state)))
+        weight, scale = quantize_rows(bnbf.dequantize_4bit(packed, quant_state))
+        ctx.quant_state = quant_state
+        ctx.save_for_backward(packed)  # the 4-bit weight only: the FP8 copy lives for this product
+        return _scaled_product(x, weight, scale)
 
     @staticmethod
     def backward(ctx, grad):
-        (packed,) = ctx.saved_tensors
-        if ctx.fused and NF4_ROUTE != "fused_forward":
-            return _input_grad(grad, *fp8_nf4.columns(packed, ctx.quant_state)), None, None
         import bitsandbytes.functional as bnbf
 
+        (packed,) = ctx.saved_tensors
         return grad @ bnbf.dequantize_4bit(packed, ctx.quant_state).to(grad.dtype), None, None
 
 
